@@ -1,0 +1,241 @@
+r"""Batched Lanczos tridiagonalization: the one Lanczos loop of the package.
+
+For a symmetric operator :math:`A` (``n x n``) and start vectors :math:`v` (the columns of
+``v0``), ``m`` steps of the three-term recurrence
+
+.. math::
+    \beta_{j} q_{j+1} = A q_j - \alpha_j q_j - \beta_{j-1} q_{j-1},
+    \qquad \alpha_j = q_j^\top A q_j,\ \beta_j = \lVert \cdot \rVert
+
+give an orthonormal-in-exact-arithmetic basis :math:`Q = [q_1, \dots, q_m]` and the
+tridiagonal :math:`T = Q^\top A Q` with
+:math:`A Q = Q T + \beta_m q_{m+1} e_m^\top` (Golub & Van Loan, *Matrix Computations*, §10.1).
+
+Every column of ``v0`` runs its own recurrence, side by side: each step is ONE call
+``matmul(Q_j)`` with all columns (and all batch entries). There is no reorthogonalization
+by default; the forward-only gradient of Singh, Barros & Li (arXiv:2605.12801) is stable
+without it. A column stops (its later entries become a decoupled padding block) when
+
+* it breaks down, ``β_j ≤ breakdown_tol · ‖A‖_est``: the Krylov space is invariant and the
+  answer for that column is exact; we never divide by the small ``β_j``;
+* the optional ``stop_fn`` reports it converged. ``stop_fn`` is evaluated only every
+  ``check_every`` steps, so the loop has no per-step host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LanczosResult", "lanczos_tridiag", "as_matmul"]
+
+MatmulFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Output of :func:`lanczos_tridiag` for start vectors ``v0`` of shape ``(*batch, n, k)``.
+
+    Attributes:
+        basis: ``(*batch, k, m, n)`` Lanczos vectors; row ``j`` of column ``c`` is ``q_{j+1}``.
+            Rows after a column stopped are zero.
+        alpha: ``(*batch, k, m)`` diagonal of ``T``; entries after a column stopped hold a
+            padding value inside the column's spectrum hull (the first Rayleigh quotient),
+            decoupled from the active block, so every ``T`` stays a valid input of ``f``.
+        beta: ``(*batch, k, m - 1)`` off-diagonal of ``T`` (zero where a column stopped).
+        residual_norm: ``(*batch, k)`` the last ``β`` of each column, ``‖r_m‖`` in
+            ``A Q = Q T + r_m e_m^T``; ~0 after a breakdown.
+        start_norm: ``(*batch, k)`` ``‖v‖`` of each start vector.
+        iterations: ``(*batch, k)`` number of Lanczos steps each column took.
+        broke_down: ``(*batch, k)`` whether a column stopped on an invariant subspace.
+        stopped: ``(*batch, k)`` whether ``stop_fn`` declared the column converged.
+    """
+
+    basis: Tensor
+    alpha: Tensor
+    beta: Tensor
+    residual_norm: Tensor
+    start_norm: Tensor
+    iterations: Tensor
+    broke_down: Tensor
+    stopped: Tensor
+
+    @property
+    def num_steps(self) -> int:
+        """Size ``m`` of the tridiagonal matrices (the largest column iteration count)."""
+        return self.alpha.shape[-1]
+
+    def tridiag(self) -> Tensor:
+        """Dense tridiagonal matrices ``T``: ``(*batch, k, m, m)``."""
+        T = torch.diag_embed(self.alpha)
+        if self.num_steps > 1:
+            T = T + torch.diag_embed(self.beta, offset=1) + torch.diag_embed(self.beta, offset=-1)
+        return T
+
+
+def as_matmul(operator: object) -> tuple[MatmulFn, int, torch.dtype, torch.device, torch.Size]:
+    """Turn a LinearOperator, a dense tensor, or ``(matmul_fn, size)`` into a matmul closure.
+
+    Returns ``(matmul, n, dtype, device, batch_shape)``. A matmul closure maps
+    ``(*batch, n, k) -> (*batch, n, k)``. For a callable, ``operator`` must be a pair
+    ``(fn, n)`` or ``(fn, n, dtype, device)``; dtype/device default to float64/cpu.
+    """
+    from linear_operator.operators import LinearOperator
+
+    if isinstance(operator, LinearOperator):
+        _check_square(operator.shape, "operator")
+        return operator.matmul, operator.shape[-1], operator.dtype, operator.device, operator.batch_shape
+    if isinstance(operator, Tensor):
+        _check_square(operator.shape, "operator")
+        return operator.matmul, operator.shape[-1], operator.dtype, operator.device, operator.shape[:-2]
+    if isinstance(operator, tuple) and len(operator) in (2, 4) and callable(operator[0]):
+        fn, n = operator[0], int(operator[1])
+        dtype = operator[2] if len(operator) == 4 else torch.float64
+        device = torch.device(operator[3]) if len(operator) == 4 else torch.device("cpu")
+        if n < 1:
+            raise ValueError(f"operator size must be a positive integer, got {n}.")
+        return fn, n, dtype, device, torch.Size()
+    raise TypeError(
+        "operator must be a LinearOperator, a dense (*batch, n, n) tensor, or a tuple "
+        f"(matmul_fn, n[, dtype, device]); got {type(operator).__name__}."
+    )
+
+
+def _check_square(shape: torch.Size, name: str) -> None:
+    if len(shape) < 2 or shape[-1] != shape[-2]:
+        raise ValueError(f"{name} must be square with shape (*batch, n, n); got shape {tuple(shape)}.")
+
+
+def lanczos_tridiag(
+    matmul: MatmulFn,
+    v0: Tensor,
+    *,
+    max_iter: int,
+    reorthogonalize: bool = False,
+    stop_fn: Callable[[LanczosResult], Tensor] | None = None,
+    check_every: int = 10,
+    breakdown_tol: float | None = None,
+    allow_zero: bool = False,
+) -> LanczosResult:
+    """Run batched Lanczos from the columns of ``v0`` (``(*batch, n, k)``).
+
+    Args:
+        matmul: ``X (*batch, n, k) -> A X``; called once per step with all columns.
+        v0: start vectors as columns (not necessarily normalised).
+        max_iter: maximal number of steps ``m`` (clipped to ``n``).
+        reorthogonalize: full (twice-is-enough Gram-Schmidt) reorthogonalization against all
+            previous vectors of the same column. Off by default.
+        stop_fn: called every ``check_every`` steps with the partial result; returns a bool
+            ``(*batch, k)`` of converged columns, which then stop.
+        check_every: steps between convergence checks (one host sync per check).
+        breakdown_tol: a column breaks down when ``β_j ≤ breakdown_tol · ‖A‖_est``, where
+            ``‖A‖_est`` is the running max of ``|α_j| + β_j + β_{j-1}``. Default
+            ``10·sqrt(n)·eps(dtype)``.
+        allow_zero: allow all-zero start columns (they take zero steps); otherwise they raise.
+    """
+    if v0.dim() < 2:
+        raise ValueError(f"v0 must have shape (*batch, n, k); got shape {tuple(v0.shape)}.")
+    if not v0.dtype.is_floating_point:
+        raise ValueError(f"v0 must be a floating-point tensor; got dtype {v0.dtype}.")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer; got {max_iter}.")
+    if check_every < 1:
+        raise ValueError(f"check_every must be a positive integer; got {check_every}.")
+    *batch, n, k = v0.shape
+    m = min(int(max_iter), n)
+    eps = torch.finfo(v0.dtype).eps
+    if breakdown_tol is None:
+        breakdown_tol = 10.0 * (n**0.5) * eps
+
+    start_norm = torch.linalg.vector_norm(v0, dim=-2)  # (*batch, k)
+    if not bool(torch.isfinite(start_norm).all()):
+        raise ValueError("v0 (the start vectors) contains NaN or Inf.")
+    nonzero = start_norm > 0
+    if not allow_zero and not bool(nonzero.all()):
+        raise ValueError("v0 has an all-zero start column: Lanczos needs a nonzero start vector.")
+
+    basis = v0.new_zeros(*batch, k, m, n)
+    alpha = v0.new_zeros(*batch, k, m)
+    beta = v0.new_zeros(*batch, k, m)
+    active_hist = torch.zeros(*batch, k, m + 1, dtype=torch.bool, device=v0.device)
+    stopped = torch.zeros(*batch, k, dtype=torch.bool, device=v0.device)
+    broke = torch.zeros(*batch, k, dtype=torch.bool, device=v0.device)
+
+    q = v0 / torch.where(nonzero, start_norm, torch.ones_like(start_norm)).unsqueeze(-2)
+    q_prev = torch.zeros_like(q)
+    beta_prev = v0.new_zeros(*batch, k)
+    norm_est = v0.new_zeros(*batch, k)
+    active = nonzero.clone()
+    steps = m
+    for j in range(m):
+        basis[..., j, :] = q.mT
+        active_hist[..., j] = active
+        w = matmul(q)  # (*batch, n, k)
+        a = (q * w).sum(-2)  # (*batch, k)
+        w = w - a.unsqueeze(-2) * q - beta_prev.unsqueeze(-2) * q_prev
+        if reorthogonalize:
+            prev = basis[..., : j + 1, :]  # (*batch, k, j+1, n)
+            wt = w.mT.unsqueeze(-1)  # (*batch, k, n, 1)
+            for _ in range(2):
+                wt = wt - prev.mT @ (prev @ wt)
+            w = wt.squeeze(-1).mT
+        b = torch.linalg.vector_norm(w, dim=-2)  # (*batch, k)
+        norm_est = torch.maximum(norm_est, a.abs() + b + beta_prev)
+        alpha[..., j] = a
+        beta[..., j] = b
+        broke = broke | (active & (b <= breakdown_tol * norm_est))
+        active = active & ~broke
+        q_prev = q
+        q = w / torch.where(active, b, torch.ones_like(b)).unsqueeze(-2) * active.unsqueeze(-2)
+        beta_prev = b * active
+        last = j + 1 == m
+        if not last and (j + 1) % check_every == 0:
+            if stop_fn is not None:
+                partial = _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, j + 1)
+                conv = stop_fn(partial) & active
+                stopped = stopped | conv
+                active = active & ~conv
+                q = q * active.unsqueeze(-2)
+                beta_prev = beta_prev * active
+            if not bool(active.any()):  # one host sync per check
+                steps = j + 1
+                break
+    return _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, steps)
+
+
+def _assemble(
+    basis: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    active_hist: Tensor,
+    start_norm: Tensor,
+    stopped: Tensor,
+    broke: Tensor,
+    steps: int,
+) -> LanczosResult:
+    """Cut the preallocated buffers to ``steps`` and pad the stopped columns' blocks."""
+    done = active_hist[..., :steps]  # (*batch, k, steps) step j performed
+    nxt = active_hist[..., 1 : steps + 1].clone()  # step j+1 performed
+    if steps < active_hist.shape[-1] - 1:
+        nxt[..., -1] = False  # result cut at `steps`: nothing after
+    a = alpha[..., :steps]
+    pad = torch.where(done[..., :1], a[..., :1], torch.ones_like(a[..., :1]))
+    a = torch.where(done, a, pad)
+    b_all = beta[..., :steps]
+    off = (b_all * nxt)[..., : steps - 1]
+    last_step = done & ~nxt
+    residual = (b_all * last_step).sum(-1)
+    iterations = done.sum(-1)
+    return LanczosResult(
+        basis=basis[..., :steps, :],
+        alpha=a,
+        beta=off,
+        residual_norm=residual,
+        start_norm=start_norm,
+        iterations=iterations,
+        broke_down=broke.clone(),
+        stopped=stopped.clone(),
+    )

@@ -152,9 +152,7 @@ def run_lanczos(
     return res, tol, compress
 
 
-def make_info(
-    fn: MatrixFunction, ritz, res: LanczosResult, tol: float, dropped: Tensor, rank: int
-) -> QuadFormInfo:
+def make_info(fn: MatrixFunction, ritz, res: LanczosResult, tol: float, dropped: Tensor, rank: int) -> QuadFormInfo:
     absolute, relative = function_residual(fn, ritz, res)
     dtype = res.basis.dtype
     return QuadFormInfo(
@@ -311,9 +309,7 @@ def quad_form(
         value = value.squeeze(-1)
         info = QuadFormInfo(
             **{
-                k: (
-                    getattr(info, k).squeeze(-1) if isinstance(getattr(info, k), Tensor) else getattr(info, k)
-                )
+                k: (getattr(info, k).squeeze(-1) if isinstance(getattr(info, k), Tensor) else getattr(info, k))
                 for k in info.__dataclass_fields__
             }
         )

@@ -106,9 +106,7 @@ def _f_T_e1(fn: MatrixFunction, ritz: RitzDecomposition) -> Tensor:
     return (ritz.vectors @ (fl * s0).unsqueeze(-1)).squeeze(-1)
 
 
-def function_residual(
-    fn: MatrixFunction, ritz: RitzDecomposition, res: LanczosResult
-) -> tuple[Tensor, Tensor]:
+def function_residual(fn: MatrixFunction, ritz: RitzDecomposition, res: LanczosResult) -> tuple[Tensor, Tensor]:
     """Absolute ``β_m |e_m^T f(T) e_1| ‖v‖`` and relative ``β_m |e_m^T f(T) e_1| / ‖f(T) e_1‖``.
 
     ``e_m`` is each column's own last step. Returns two ``(*batch, k)`` tensors in the
@@ -120,9 +118,7 @@ def function_residual(
     beta = res.residual_norm.to(fe1.dtype)
     absolute = beta * last * res.start_norm.to(fe1.dtype)
     denom = torch.linalg.vector_norm(fe1, dim=-1)
-    relative = torch.where(
-        denom > 0, beta * last / torch.where(denom > 0, denom, torch.ones_like(denom)), denom
-    )
+    relative = torch.where(denom > 0, beta * last / torch.where(denom > 0, denom, torch.ones_like(denom)), denom)
     return absolute, relative
 
 

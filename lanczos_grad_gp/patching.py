@@ -1,0 +1,101 @@
+"""Flag-gated hooks that route GPyTorch / BoTorch exact GPs through :func:`inv_quad_logdet`.
+
+Two hooks, installed once on ``import lanczos_grad_gp`` and inert while
+:class:`~lanczos_grad_gp.settings.use_lanczos_grad` is off (they call the original
+function, so results are bit-identical to stock GPyTorch):
+
+* ``gpytorch.distributions.MultivariateNormal.log_prob`` — stock GPyTorch only reaches
+  ``inv_quad_logdet`` when ``fast_computations.log_prob`` is on, which BoTorch turns off at
+  import (DESIGN §4). While the flag is on, the hook takes the fast path itself (the same
+  steps as GPyTorch's own fast branch) without touching the process-global
+  ``fast_computations`` setting, so other threads are unaffected.
+* ``linear_operator.LinearOperator.inv_quad_logdet`` — the base-class method, bypassing the
+  ``max_cholesky_size`` switch. Operators whose class overrides ``inv_quad_logdet`` with an
+  exact structured formula (diagonal, Kronecker, triangular/Cholesky factors) keep it.
+
+``uninstall()`` restores the originals.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from typing import Any
+
+from gpytorch.distributions import MultivariateNormal
+from linear_operator.operators import LinearOperator
+from torch import Tensor
+
+from . import settings
+
+__all__ = ["install", "uninstall", "is_installed"]
+
+_lock = threading.Lock()
+_originals: dict[str, Any] = {}
+
+
+def _lanczos_log_prob(self: MultivariateNormal, value: Tensor) -> Tensor:
+    """GPyTorch's fast ``log_prob`` branch (gpytorch 1.15, ``MultivariateNormal.log_prob``)."""
+    from .inv_quad_logdet import inv_quad_logdet
+
+    if self._validate_args:
+        self._validate_sample(value)
+    mean, covar = self.loc, self.lazy_covariance_matrix
+    diff = value - mean
+    if diff.shape[:-1] != covar.batch_shape:
+        if len(diff.shape[:-1]) < len(covar.batch_shape):
+            diff = diff.expand(covar.shape[:-1])
+        else:
+            padded = (*(1 for _ in range(diff.dim() + 1 - covar.dim())), *covar.batch_shape)
+            covar = covar.repeat(*(d // c for d, c in zip(diff.shape[:-1], padded, strict=True)), 1, 1)
+    covar = covar.evaluate_kernel()
+    inv_quad, logdet = inv_quad_logdet(covar, inv_quad_rhs=diff.unsqueeze(-1), logdet=True)
+    return -0.5 * (inv_quad + logdet + diff.size(-1) * math.log(2 * math.pi))
+
+
+def install() -> None:
+    """Install the hooks (idempotent)."""
+    with _lock:
+        if _originals:
+            return
+        orig_log_prob = MultivariateNormal.log_prob
+        orig_iqld = LinearOperator.inv_quad_logdet
+
+        @functools.wraps(orig_log_prob)
+        def log_prob(self: MultivariateNormal, value: Tensor) -> Tensor:
+            if settings.use_lanczos_grad.on():
+                return _lanczos_log_prob(self, value)
+            return orig_log_prob(self, value)
+
+        @functools.wraps(orig_iqld)
+        def inv_quad_logdet(
+            self: LinearOperator,
+            inv_quad_rhs: Tensor | None = None,
+            logdet: bool | None = False,
+            reduce_inv_quad: bool | None = True,
+        ):
+            if settings.use_lanczos_grad.on():
+                from .inv_quad_logdet import inv_quad_logdet as ours
+
+                return ours(self, inv_quad_rhs, bool(logdet), bool(reduce_inv_quad))
+            return orig_iqld(self, inv_quad_rhs, logdet, reduce_inv_quad)
+
+        _originals["log_prob"] = orig_log_prob
+        _originals["inv_quad_logdet"] = orig_iqld
+        MultivariateNormal.log_prob = log_prob
+        LinearOperator.inv_quad_logdet = inv_quad_logdet
+
+
+def uninstall() -> None:
+    """Restore GPyTorch's and linear_operator's original methods."""
+    with _lock:
+        if not _originals:
+            return
+        MultivariateNormal.log_prob = _originals.pop("log_prob")
+        LinearOperator.inv_quad_logdet = _originals.pop("inv_quad_logdet")
+
+
+def is_installed() -> bool:
+    """Whether the hooks are in place."""
+    return bool(_originals)

@@ -1,0 +1,236 @@
+"""GPyTorch-style settings: the ``use_lanczos_grad`` flag and the numerical value settings.
+
+Each setting is a lower-case context manager, as in ``gpytorch.settings``::
+
+    import lanczos_grad_gp as lgg
+    with lgg.settings.use_lanczos_grad(), lgg.settings.num_probes(16):
+        loss = -mll(model(train_x), train_y)   # any exact GP, forward-only Lanczos gradients
+        loss.backward()
+
+Unlike ``gpytorch.settings`` (process-global class attributes), the state is **thread-local**:
+a context entered in one thread (a BO loop, a data-loader worker) is invisible to the others.
+Every setting also has a process-wide default that threads fall back to, changed with
+``set_default(value)``. Contexts nest and restore the previous value on exit, also when the
+body raises.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, ClassVar
+
+__all__ = [
+    "use_lanczos_grad",
+    "max_lanczos_iter",
+    "lanczos_tol",
+    "num_probes",
+    "probe_seed",
+    "max_preconditioner_size",
+    "preconditioner_tol",
+    "reorthogonalize",
+    "check_every",
+    "current_settings",
+]
+
+_UNSET = object()
+
+
+class _thread_local_value:
+    """Base class: a value with a process-wide default and a thread-local override stack.
+
+    Subclasses set ``_default`` and may override ``_validate``.
+    """
+
+    _default: ClassVar[Any] = None
+    _local: ClassVar[threading.local]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._local = threading.local()
+
+    @classmethod
+    def _validate(cls, value: Any) -> Any:
+        return value
+
+    @classmethod
+    def value(cls) -> Any:
+        """The value in force in this thread."""
+        return getattr(cls._local, "value", cls._default)
+
+    @classmethod
+    def set_default(cls, value: Any) -> None:
+        """Change the process-wide default (what threads without an open context see)."""
+        cls._default = cls._validate(value)
+
+    def __init__(self, value: Any) -> None:
+        self._value = self._validate(value)
+        self._saved: list[Any] = []
+
+    def __enter__(self) -> _thread_local_value:
+        local = self.__class__._local
+        self._saved.append(getattr(local, "value", _UNSET))
+        local.value = self._value
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        local = self.__class__._local
+        prev = self._saved.pop()
+        if prev is _UNSET:
+            del local.value
+        else:
+            local.value = prev
+        return False
+
+
+class _thread_local_flag(_thread_local_value):
+    """A boolean feature flag: ``with flag():`` turns it on; ``flag.on()`` asks whether it is on."""
+
+    _default: ClassVar[Any] = False
+
+    @classmethod
+    def _validate(cls, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{cls.__name__} expects a bool state; got {value!r}.")
+        return value
+
+    @classmethod
+    def on(cls) -> bool:
+        """Whether the flag is on in this thread."""
+        return bool(cls.value())
+
+    @classmethod
+    def off(cls) -> bool:
+        """Whether the flag is off in this thread."""
+        return not cls.on()
+
+    def __init__(self, state: bool = True) -> None:
+        super().__init__(state)
+
+
+def _positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{name} must be {kind} integer; got {value!r}.")
+    return value
+
+
+class use_lanczos_grad(_thread_local_flag):
+    """Route every exact-GP marginal likelihood through forward-only Lanczos gradients.
+
+    While on, ``MultivariateNormal.log_prob`` (hence GPyTorch's ``ExactMarginalLogLikelihood``
+    and BoTorch's ``fit_gpytorch_mll``) and ``LinearOperator.inv_quad_logdet`` use
+    :func:`lanczos_grad_gp.inv_quad_logdet`, whatever ``max_cholesky_size`` and
+    ``fast_computations`` say. While off, GPyTorch's own code runs unchanged.
+    (Default: False)
+    """
+
+
+class max_lanczos_iter(_thread_local_value):
+    """Maximal number of Lanczos steps per right-hand side / probe in the GP routine. (Default: 100)"""
+
+    _default = 100
+
+    @classmethod
+    def _validate(cls, value: Any) -> int:
+        return _positive_int(cls.__name__, value)
+
+
+class lanczos_tol(_thread_local_value):
+    """Relative function-residual tolerance at which a Lanczos column stops.
+
+    ``None`` means the dtype default: 1e-6 in float64, 1e-4 in float32. (Default: None)
+    """
+
+    _default = None
+
+    @classmethod
+    def _validate(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 <= value < 1):
+            raise ValueError(f"lanczos_tol must be a float in [0, 1) or None; got {value!r}.")
+        return float(value)
+
+
+class num_probes(_thread_local_value):
+    """Number of Rademacher probe vectors for the stochastic log-determinant. (Default: 10)"""
+
+    _default = 10
+
+    @classmethod
+    def _validate(cls, value: Any) -> int:
+        return _positive_int(cls.__name__, value)
+
+
+class probe_seed(_thread_local_value):
+    """Seed of the probe vectors; ``None`` draws fresh probes from torch's global generator.
+
+    With a seed, the marginal likelihood is a deterministic function of the hyperparameters,
+    which L-BFGS (BoTorch's ``fit_gpytorch_mll``) needs. (Default: 0)
+    """
+
+    _default = 0
+
+    @classmethod
+    def _validate(cls, value: Any) -> int | None:
+        if value is None:
+            return None
+        return _positive_int(cls.__name__, value, allow_zero=True)
+
+
+class max_preconditioner_size(_thread_local_value):
+    """Maximal rank of the pivoted-Cholesky preconditioner (0 turns preconditioning off). (Default: 200)"""
+
+    _default = 200
+
+    @classmethod
+    def _validate(cls, value: Any) -> int:
+        return _positive_int(cls.__name__, value, allow_zero=True)
+
+
+class preconditioner_tol(_thread_local_value):
+    """Stop the pivoted Cholesky when the trace of the remainder ``tr(K - L L^T)`` is below
+    ``preconditioner_tol · n · σ²_min`` (σ² the smallest diagonal noise). (Default: 0.01)"""
+
+    _default = 0.01
+
+    @classmethod
+    def _validate(cls, value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
+            raise ValueError(f"preconditioner_tol must be a finite float >= 0; got {value!r}.")
+        return float(value)
+
+
+class reorthogonalize(_thread_local_flag):
+    """Full reorthogonalization in the GP routine's Lanczos (costs O(n m²); speeds convergence
+    when ghost Ritz values appear, never needed for stability). (Default: False)"""
+
+
+class check_every(_thread_local_value):
+    """Lanczos steps between convergence checks (each check is one host sync). (Default: 10)"""
+
+    _default = 10
+
+    @classmethod
+    def _validate(cls, value: Any) -> int:
+        return _positive_int(cls.__name__, value)
+
+
+def current_settings() -> dict[str, Any]:
+    """The settings in force in this thread, by name."""
+    return {
+        cls.__name__: cls.value()
+        for cls in (
+            use_lanczos_grad,
+            max_lanczos_iter,
+            lanczos_tol,
+            num_probes,
+            probe_seed,
+            max_preconditioner_size,
+            preconditioner_tol,
+            reorthogonalize,
+            check_every,
+        )
+    }

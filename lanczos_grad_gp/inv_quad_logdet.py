@@ -154,7 +154,7 @@ def _columns(obj: Any, sl: slice) -> Any:
     for field in dataclasses.fields(obj):
         t = getattr(obj, field.name)
         dim = dims.get(field.name, -1)
-        out[field.name] = t.narrow(dim, sl.start, sl.stop - sl.start)
+        out[field.name] = None if t is None else t.narrow(dim, sl.start, sl.stop - sl.start)
     return type(obj)(**out)
 
 

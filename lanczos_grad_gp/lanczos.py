@@ -52,6 +52,9 @@ class LanczosResult:
         iterations: ``(*batch, k)`` number of Lanczos steps each column took.
         broke_down: ``(*batch, k)`` whether a column stopped on an invariant subspace.
         stopped: ``(*batch, k)`` whether ``stop_fn`` declared the column converged.
+        residual_vector: ``(*batch, n, k)`` the unnormalised residual ``r_m`` of each column's
+            last step (``A Q = Q T + r_m e_m^T``, ``‖r_m‖ = residual_norm``); the start of a
+            thick restart (Wu & Simon 2000). ``None`` only for results built by hand.
     """
 
     basis: Tensor
@@ -62,6 +65,7 @@ class LanczosResult:
     iterations: Tensor
     broke_down: Tensor
     stopped: Tensor
+    residual_vector: Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -166,6 +170,7 @@ def lanczos_tridiag(
 
     q = v0 / torch.where(nonzero, start_norm, torch.ones_like(start_norm)).unsqueeze(-2)
     q_prev = torch.zeros_like(q)
+    resid_vec = torch.zeros_like(q)  # (*batch, n, k) r of each column's last performed step
     beta_prev = v0.new_zeros(*batch, k)
     norm_est = v0.new_zeros(*batch, k)
     active = nonzero.clone()
@@ -183,6 +188,7 @@ def lanczos_tridiag(
                 wt = wt - prev.mT @ (prev @ wt)
             w = wt.squeeze(-1).mT
         b = torch.linalg.vector_norm(w, dim=-2)  # (*batch, k)
+        resid_vec = torch.where(active.unsqueeze(-2), w, resid_vec)
         norm_est = torch.maximum(norm_est, a.abs() + b + beta_prev)
         alpha[..., j] = a
         beta[..., j] = b
@@ -194,7 +200,7 @@ def lanczos_tridiag(
         last = j + 1 == m
         if not last and (j + 1) % check_every == 0:
             if stop_fn is not None:
-                partial = _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, j + 1)
+                partial = _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, j + 1, resid_vec)
                 conv = stop_fn(partial) & active
                 stopped = stopped | conv
                 active = active & ~conv
@@ -203,7 +209,7 @@ def lanczos_tridiag(
             if not bool(active.any()):  # one host sync per check
                 steps = j + 1
                 break
-    return _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, steps)
+    return _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, steps, resid_vec)
 
 
 def _assemble(
@@ -215,6 +221,7 @@ def _assemble(
     stopped: Tensor,
     broke: Tensor,
     steps: int,
+    residual_vector: Tensor | None = None,
 ) -> LanczosResult:
     """Cut the preallocated buffers to ``steps`` and pad the stopped columns' blocks."""
     done = active_hist[..., :steps]  # (*batch, k, steps) step j performed
@@ -238,4 +245,5 @@ def _assemble(
         iterations=iterations,
         broke_down=broke.clone(),
         stopped=stopped.clone(),
+        residual_vector=residual_vector,
     )

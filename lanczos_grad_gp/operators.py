@@ -41,7 +41,8 @@ class LanczosGradLinearOperator(LinearOperator):
         return self.base.shape
 
     def _transpose_nonbatch(self) -> LinearOperator:
-        return self  # symmetric
+        # Mathematically symmetric, but the base's tensors need not be (their gradients differ by a transpose).
+        return self.__class__(self.base._transpose_nonbatch())
 
     def _diagonal(self) -> Tensor:
         return self.base._diagonal()

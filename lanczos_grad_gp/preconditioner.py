@@ -79,7 +79,7 @@ def pivoted_cholesky_preconditioner(A: LinearOperator, max_rank: int, trace_tol:
         max_rank: maximal pivoted-Cholesky rank (0: no low-rank part, only the diagonal split).
         trace_tol: stop when ``tr(K - L L^T) ≤ trace_tol · n · min(D)``.
     """
-    if not isinstance(A, AddedDiagLinearOperator):
+    if not isinstance(A, AddedDiagLinearOperator) or A.batch_shape.numel() == 0:  # empty batch: nothing to do
         return identity_preconditioner(A)
     with torch.no_grad():
         d = A._diag_tensor.diagonal().detach()  # (*batch, n)
@@ -97,11 +97,23 @@ def pivoted_cholesky_preconditioner(A: LinearOperator, max_rank: int, trace_tol:
         max_diag = base_diag.amax(-1).clamp_min(torch.finfo(A.dtype).tiny)
         error_tol = float((trace_tol * n * d.amin(-1) / max_diag).min())
         L = base.pivoted_cholesky(rank=rank, error_tol=error_tol)  # (*batch, n, k)
-        if not bool(torch.isfinite(L).all()):
+        # In low precision on a numerically rank-deficient kernel (near-duplicate inputs) a late
+        # pivot can go nonpositive and NaN-fill the remaining columns. Keep the finite leading
+        # columns (a valid lower-rank factor) instead of dropping preconditioning altogether.
+        good = torch.isfinite(L).flatten(0, -2).all(0) if L.dim() > 2 else torch.isfinite(L).all(0)
+        k_ok = int(good.long().cumprod(0).sum())
+        if k_ok == 0:
             return SplitPreconditioner(inv_sqrt_d, None, None, logdet, 0)
-        M = L * inv_sqrt_d.unsqueeze(-1)
-        U, s, _ = torch.linalg.svd(M, full_matrices=False)
-        s2 = s.square()
+        L = L[..., :k_ok]
+        M = L * inv_sqrt_d.unsqueeze(-1)  # (*batch, n, k)
+        # Thin SVD through the k x k Gram matrix: M^T M = V diag(s²) V^T, U = M V diag(1/s).
+        # Directions with s² below eps·max(s²) are dropped (they would not change P at working precision).
+        s2, V = torch.linalg.eigh(M.mT @ M)
+        keep = s2 > torch.finfo(M.dtype).eps * s2.amax(-1, keepdim=True).clamp_min(torch.finfo(M.dtype).tiny)
+        s2 = torch.where(keep, s2, torch.zeros_like(s2))
+        U = (M @ V) * torch.where(
+            keep, s2.clamp_min(torch.finfo(M.dtype).tiny).rsqrt(), torch.zeros_like(s2)
+        ).unsqueeze(-2)
         scale = (1.0 + s2).rsqrt() - 1.0
         logdet = logdet + torch.log1p(s2).sum(-1)
         return SplitPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1])

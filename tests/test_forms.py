@@ -360,7 +360,8 @@ def test_tol_stops_early_at_a_check(name, check_every, dtype):
     n = 200
     B0 = spd_matrix(n, 1e3, seed=5, dtype=dtype)
     v = randn(n, seed=12, dtype=dtype)
-    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    # the relative residual is scaled by 1/θ_min (cond 1e3 here), so 1e-5 is a demanding target
+    tol = 1e-5 if dtype == torch.float64 else 1e-4
     value, info = lgg.quad_form(B0, v, name, max_iter=n, tol=tol, check_every=check_every, return_info=True)
     it = int(info.iterations)
     assert it < n and it % check_every == 0
@@ -451,15 +452,15 @@ def test_gradient_error_estimate_calibration(matrix, name):
         _, grad, info = forward_only(B0, v, name, max_iter=m, tol=0.0)
         err = rel_err(grad, G)
         est = float(info.gradient_error_estimate)
-        assert err <= CLAIM * est + roundoff(torch.float64, cond, n), (m, err, est)
+        # documented: error / relative_residual <= 1.6 for log and inv (estimate = 2 x that), up to 6.5 for sqrt
+        claim = CLAIM if name != "sqrt" else 2 * CLAIM
+        assert err <= claim * est + roundoff(torch.float64, cond, n), (m, err, est)
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: sqrt(relative_residual) under-estimates early errors")
-def test_gradient_error_estimate_claim_fails_on_dense_low_spectrum():
-    # Documented counter-example to the 3× claim (reported upstream): n = 200, log-spaced spectrum in
-    # [1e-3, 1]. Measured error / estimate at m = 10, 20, 30: ≈ 9, 9, 6 for log and inv (≈ 2 by
-    # m = 60, < 1 from m = 90). The error follows relative_residual^0.85 here, not ^0.5, so the
-    # sqrt-estimate is optimistic while the residual is large. Strict xfail: fixing the estimate flips it.
+def test_gradient_error_estimate_holds_on_dense_low_spectrum():
+    # Former counter-example to the claim, from when the estimate was sqrt of a relative residual
+    # that carried the units of A: n = 200, log-spaced spectrum in [1e-3, 1], error / estimate was
+    # ≈ 9 at m = 10-30. The residual is now divided by θ_min (scale-free), and the claim holds.
     n, cond = 200, 1e3
     B0 = spd_matrix(n, cond, seed=4)
     v = randn(n, seed=10)

@@ -13,7 +13,7 @@ Importing the package installs flag-gated hooks (see :mod:`lanczos_grad_gp.patch
 do nothing while the flag is off.
 """
 
-from . import patching, settings
+from . import eigen, patching, settings
 from .forms import LanczosOptions, QuadFormInfo, bilinear_form, quad_form
 from .inv_quad_logdet import InvQuadLogdetInfo, inv_quad_logdet, record_calls
 from .lanczos import LanczosResult, lanczos_tridiag
@@ -32,6 +32,7 @@ __all__ = [
     "MatrixFunction",
     "QuadFormInfo",
     "bilinear_form",
+    "eigen",
     "get_matrix_function",
     "inv_quad_logdet",
     "lanczos_tridiag",

@@ -25,17 +25,20 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from linear_operator.operators import LinearOperator, to_linear_operator
+from linear_operator.operators import LinearOperator
 from linear_operator.utils.errors import NotPSDError
+from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
 from . import settings
+from ._checks import check_operator, first_order_only
 from .lanczos import LanczosResult, lanczos_tridiag
 from .matfuncs import BUILTIN_FUNCTIONS
 from .preconditioner import SplitPreconditioner, pivoted_cholesky_preconditioner
@@ -71,7 +74,7 @@ class GPOptions:
     def from_settings(dtype: torch.dtype) -> GPOptions:
         tol = settings.lanczos_tol.value()
         if tol is None:
-            tol = 1e-6 if dtype == torch.float64 else 1e-4
+            tol = 1e-4 if dtype == torch.float64 else 1e-3
         return GPOptions(
             max_iter=settings.max_lanczos_iter.value(),
             tol=tol,
@@ -225,7 +228,7 @@ class _InvQuadLogdet(torch.autograd.Function):
                 inv_quad = quadrature(_INV, ritz_t).to(dtype)
                 _, inv_rel = function_residual(_INV, ritz_t, res_t)
                 if any(ctx.needs_input_grad[5:]):
-                    left, right, _ = gradient_factors(_INV, ritz_t, res_t, compress_tol=options.tol / 100)
+                    left, right, _ = gradient_factors(_INV, ritz_t, res_t, compress_tol=options.tol)
                     ctx.inv_rank = left.shape[-1]
                     lefts.append(precond.inv_root_t(_flat(left)))
                     rights.append(precond.inv_root_t(_flat(right)))
@@ -242,7 +245,7 @@ class _InvQuadLogdet(torch.autograd.Function):
                     se = per_probe.std(-1) / num**0.5
                 _, log_rel = function_residual(_LOG, ritz_p, res_p)
                 if any(ctx.needs_input_grad[5:]):
-                    left, right, _ = gradient_factors(_LOG, ritz_p, res_p, compress_tol=options.tol / 100)
+                    left, right, _ = gradient_factors(_LOG, ritz_p, res_p, compress_tol=options.tol)
                     ctx.log_rank = left.shape[-1]
                     lefts.append(precond.inv_root_t(_flat(left)) * weight)
                     rights.append(precond.inv_root_t(_flat(right)))
@@ -272,6 +275,7 @@ class _InvQuadLogdet(torch.autograd.Function):
         return inv_quad, logdet
 
     @staticmethod
+    @first_order_only  # double backward raises a clear RuntimeError, never a silently wrong value
     def backward(ctx: Any, g_inv: Tensor, g_logdet: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         saved = list(ctx.saved_tensors)
         k = ctx.num_factors
@@ -311,6 +315,8 @@ def _stop_fn(t: int, tol: float):
 def _check_pd(ritz: RitzDecomposition, res: LanczosResult, n: int) -> None:
     used = ritz.weights != 0
     lam = torch.where(used, ritz.values, torch.ones_like(ritz.values))
+    if lam.numel() == 0:  # empty batch: nothing to check
+        return
     lam_min = lam.min()
     if not bool(lam_min > 0):
         raise NotPSDError(
@@ -320,17 +326,29 @@ def _check_pd(ritz: RitzDecomposition, res: LanczosResult, n: int) -> None:
         )
 
 
+def _warn_if_not_converged(info: InvQuadLogdetInfo) -> None:
+    """Never return an unconverged result silently (GPyTorch warns the same way when CG stops early).
+
+    ``lanczos_tol(0)`` asks for a fixed number of steps (no stopping test): nothing to warn about.
+    """
+    if info.converged or info.options.tol == 0:
+        return
+    worst = float(torch.cat([info.inv_quad_relative_residual, info.logdet_relative_residual], -1).max())
+    warnings.warn(
+        f"lanczos_grad_gp.inv_quad_logdet: Lanczos stopped after {int(info.iterations.max())} steps (n={info.n}) "
+        f"with relative residual {worst:.2e} > tol {info.options.tol:.1e}; the value and gradient may be "
+        "inaccurate. Increase lgg.settings.max_lanczos_iter or max_preconditioner_size, raise the noise, or use "
+        "float64.",
+        NumericalWarning,
+        stacklevel=3,
+    )
+
+
 def _validate(A: Any, rhs: Tensor | None, logdet: bool) -> tuple[LinearOperator, Tensor | None, bool]:
-    if isinstance(A, Tensor):
-        if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-            raise ValueError(f"A must be a square (*batch, n, n) matrix; got shape {tuple(A.shape)}.")
-        A = to_linear_operator(A)
-    if not isinstance(A, LinearOperator):
-        raise TypeError(f"A must be a LinearOperator or a torch.Tensor; got {type(A).__name__}.")
-    if not A.is_square:
-        raise ValueError(f"inv_quad_logdet needs a square (positive definite) operator; got shape {tuple(A.shape)}.")
-    if not A.dtype.is_floating_point:
-        raise ValueError(f"A must have a floating-point dtype; got {A.dtype}.")
+    if logdet is not None and not isinstance(logdet, bool):
+        raise ValueError(f"logdet must be a bool; got {logdet!r}.")
+    # type, square, n >= 1, float dtype, finite data/hyperparameters, symmetric if dense (before any work)
+    A = check_operator(A, "A", " (the covariance operator)")
     if rhs is None:
         if not logdet:
             raise ValueError("Either inv_quad_rhs or logdet=True must be given.")
@@ -392,6 +410,7 @@ def inv_quad_logdet(
     sink: list[InvQuadLogdetInfo] = []
     inv_quad, ld = _InvQuadLogdet.apply(options, logdet, sink, A.representation_tree(), rhs, *A.representation())
     _record(sink[0])
+    _warn_if_not_converged(sink[0])
     if rhs is None:
         inv_quad = torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)
     elif reduce_inv_quad:

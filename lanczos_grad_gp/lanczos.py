@@ -123,6 +123,7 @@ def lanczos_tridiag(
     check_every: int = 10,
     breakdown_tol: float | None = None,
     allow_zero: bool = False,
+    orthogonal_to: Tensor | None = None,
 ) -> LanczosResult:
     """Run batched Lanczos from the columns of ``v0`` (``(*batch, n, k)``).
 
@@ -139,15 +140,32 @@ def lanczos_tridiag(
             ``‖A‖_est`` is the running max of ``|α_j| + β_j + β_{j-1}``. Default
             ``10·sqrt(n)·eps(dtype)``.
         allow_zero: allow all-zero start columns (they take zero steps); otherwise they raise.
+        orthogonal_to: optional ``(*batch, n, l)`` orthonormal vectors (e.g. the kept Ritz vectors
+            of a thick restart, Wu & Simon 2000) that every new Lanczos vector is explicitly
+            orthogonalised against (twice), so the recurrence runs in their orthogonal
+            complement; ``v0`` should already be orthogonal to them. Without this, the
+            three-term recurrence amplifies their rounding-level components like a Lanczos
+            polynomial evaluated outside the spectrum.
     """
+    if not callable(matmul):
+        raise TypeError(f"matmul must be a callable X -> A X; got {type(matmul).__name__}.")
+    if not isinstance(v0, Tensor):
+        raise TypeError(f"v0 must be a torch.Tensor; got {type(v0).__name__}.")
     if v0.dim() < 2:
         raise ValueError(f"v0 must have shape (*batch, n, k); got shape {tuple(v0.shape)}.")
     if not v0.dtype.is_floating_point:
         raise ValueError(f"v0 must be a floating-point tensor; got dtype {v0.dtype}.")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer; got {max_iter}.")
-    if check_every < 1:
-        raise ValueError(f"check_every must be a positive integer; got {check_every}.")
+    if v0.shape[-2] == 0:
+        raise ValueError(f"v0 has n = 0 rows; the operator must be at least 1 x 1 (v0 shape {tuple(v0.shape)}).")
+    for arg, val in (("max_iter", max_iter), ("check_every", check_every)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{arg} must be a positive integer; got {val!r}.")
+    if breakdown_tol is not None and (
+        not isinstance(breakdown_tol, (int, float)) or isinstance(breakdown_tol, bool) or not 0 <= breakdown_tol < 1
+    ):
+        raise ValueError(f"breakdown_tol must be a float in [0, 1) or None; got {breakdown_tol!r}.")
+    if stop_fn is not None and not callable(stop_fn):
+        raise TypeError(f"stop_fn must be callable or None; got {type(stop_fn).__name__}.")
     *batch, n, k = v0.shape
     m = min(int(max_iter), n)
     eps = torch.finfo(v0.dtype).eps
@@ -174,13 +192,22 @@ def lanczos_tridiag(
     beta_prev = v0.new_zeros(*batch, k)
     norm_est = v0.new_zeros(*batch, k)
     active = nonzero.clone()
+    finite = torch.ones((), dtype=torch.bool, device=v0.device)  # checked at the host syncs only
     steps = m
     for j in range(m):
         basis[..., j, :] = q.mT
         active_hist[..., j] = active
         w = matmul(q)  # (*batch, n, k)
+        if j == 0 and (not isinstance(w, Tensor) or w.shape != q.shape):
+            raise ValueError(
+                f"matmul must map a (*batch, n, k) tensor to one of the same shape {tuple(q.shape)}; "
+                f"got {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}."
+            )
         a = (q * w).sum(-2)  # (*batch, k)
         w = w - a.unsqueeze(-2) * q - beta_prev.unsqueeze(-2) * q_prev
+        if orthogonal_to is not None:
+            for _ in range(2):
+                w = w - orthogonal_to @ (orthogonal_to.mT @ w)
         if reorthogonalize:
             prev = basis[..., : j + 1, :]  # (*batch, k, j+1, n)
             wt = w.mT.unsqueeze(-1)  # (*batch, k, n, 1)
@@ -190,6 +217,7 @@ def lanczos_tridiag(
         b = torch.linalg.vector_norm(w, dim=-2)  # (*batch, k)
         resid_vec = torch.where(active.unsqueeze(-2), w, resid_vec)
         norm_est = torch.maximum(norm_est, a.abs() + b + beta_prev)
+        finite = finite & torch.isfinite(a).all() & torch.isfinite(b).all()
         alpha[..., j] = a
         beta[..., j] = b
         broke = broke | (active & (b <= breakdown_tol * norm_est))
@@ -199,6 +227,7 @@ def lanczos_tridiag(
         beta_prev = b * active
         last = j + 1 == m
         if not last and (j + 1) % check_every == 0:
+            _raise_if_nonfinite(finite)
             if stop_fn is not None:
                 partial = _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, j + 1, resid_vec)
                 conv = stop_fn(partial) & active
@@ -209,7 +238,16 @@ def lanczos_tridiag(
             if not bool(active.any()):  # one host sync per check
                 steps = j + 1
                 break
+    _raise_if_nonfinite(finite)
     return _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, steps, resid_vec)
+
+
+def _raise_if_nonfinite(finite: Tensor) -> None:
+    if not bool(finite):  # one host sync, only where the loop already synchronises
+        raise ValueError(
+            "The operator produced NaN or Inf in a matrix-vector product: check A (and the data and "
+            "hyperparameters it is built from) for NaN/Inf or overflow."
+        )
 
 
 def _assemble(

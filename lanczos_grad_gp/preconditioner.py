@@ -26,6 +26,8 @@ import torch
 from linear_operator.operators import AddedDiagLinearOperator, LinearOperator
 from torch import Tensor
 
+from .pivoted_cholesky import pivoted_cholesky
+
 __all__ = ["SplitPreconditioner", "pivoted_cholesky_preconditioner"]
 
 
@@ -93,10 +95,7 @@ def pivoted_cholesky_preconditioner(A: LinearOperator, max_rank: int, trace_tol:
         rank = min(max_rank, n)
         if rank == 0:
             return SplitPreconditioner(inv_sqrt_d, None, None, logdet, 0)
-        base_diag = base.diagonal()
-        max_diag = base_diag.amax(-1).clamp_min(torch.finfo(A.dtype).tiny)
-        error_tol = float((trace_tol * n * d.amin(-1) / max_diag).min())
-        L = base.pivoted_cholesky(rank=rank, error_tol=error_tol)  # (*batch, n, k)
+        L = pivoted_cholesky(base, rank, error_tol=trace_tol * n * d.amin(-1))  # (*batch, n, k)
         # In low precision on a numerically rank-deficient kernel (near-duplicate inputs) a late
         # pivot can go nonpositive and NaN-fill the remaining columns. Keep the finite leading
         # columns (a valid lower-rank factor) instead of dropping preconditioning altogether.

@@ -21,7 +21,8 @@ Given a Lanczos run from ``v`` (``A Q = Q T + β_m q_{m+1} e_m^T``, ``T = S diag
   ``_bilinear_derivative`` (for ``f = 1/x`` ``M = -x x^T`` is exactly rank one);
 * residual of the matrix-function approximation, which controls both value and gradient
   error (paper, Thm 2; DESIGN §2 "which residual to trust"):
-  ``ρ = β_m |e_m^T f(T) e_1| ‖v‖`` and its relative form ``ρ / (‖v‖ ‖f(T) e_1‖)``.
+  ``ρ = β_m |e_m^T f(T) e_1| ‖v‖`` and its dimensionless relative form
+  ``ρ / (‖v‖ ‖f(T) e_1‖ θ)`` (``θ`` the smallest Ritz value for positive-definite functions).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "quadrature",
     "function_residual",
     "apply_function",
+    "f_T_e1",
     "gradient_factors",
 ]
 
@@ -81,7 +83,7 @@ def check_domain(fn: MatrixFunction, ritz: RitzDecomposition, name: str = "A") -
     Ritz values lie in the convex hull of the spectrum, so a nonpositive one proves (up to
     round-off) that the operator is not positive definite. One host sync.
     """
-    if not fn.requires_positive:
+    if not fn.requires_positive or ritz.values.numel() == 0:  # empty batch: nothing to check
         return
     lam_min = ritz.values[..., 0].min()
     if not bool(lam_min > 0):
@@ -99,7 +101,7 @@ def quadrature(fn: MatrixFunction, ritz: RitzDecomposition) -> Tensor:
     return (w2 * fl).sum(-1)
 
 
-def _f_T_e1(fn: MatrixFunction, ritz: RitzDecomposition) -> Tensor:
+def f_T_e1(fn: MatrixFunction, ritz: RitzDecomposition) -> Tensor:
     """``f(T) e_1 = S (f(λ) ∘ S^T e_1)``: ``(*batch, k, m)`` (zero-weight Ritz pairs skipped)."""
     s0 = ritz.vectors[..., 0, :]
     fl = torch.where(s0 != 0, fn.f(ritz.values), torch.zeros_like(s0))
@@ -107,24 +109,36 @@ def _f_T_e1(fn: MatrixFunction, ritz: RitzDecomposition) -> Tensor:
 
 
 def function_residual(fn: MatrixFunction, ritz: RitzDecomposition, res: LanczosResult) -> tuple[Tensor, Tensor]:
-    """Absolute ``β_m |e_m^T f(T) e_1| ‖v‖`` and relative ``β_m |e_m^T f(T) e_1| / ‖f(T) e_1‖``.
+    """Absolute residual ``ρ = β_m |e_m^T f(T) e_1| ‖v‖`` and its dimensionless relative form.
 
-    ``e_m`` is each column's own last step. Returns two ``(*batch, k)`` tensors in the
-    compute dtype; zero for columns that broke down or never started.
+    ``ρ`` is the norm of the residual-type correction of ``f(A) v ≈ ‖v‖ Q f(T) e_1`` (for
+    ``f = 1/x`` exactly the CG residual ``‖v − A x_m‖``). It carries the units of ``A``; the
+    relative form divides by ``‖v‖ ‖f(T) e_1‖`` and by the spectral scale that turns a residual
+    into an error: the smallest Ritz value ``θ_min`` for functions of positive definite operators
+    (``‖A^{-1} r‖ ≤ ‖r‖ / λ_min``), the largest ``|θ|`` otherwise. It is therefore invariant to
+    scaling ``A`` and ``v``. ``e_m`` is each column's own last step. Returns two ``(*batch, k)``
+    tensors in the compute dtype; zero for columns that broke down or never started.
     """
-    fe1 = _f_T_e1(fn, ritz)
+    fe1 = f_T_e1(fn, ritz)
     idx = (res.iterations - 1).clamp_min(0).unsqueeze(-1)
     last = fe1.gather(-1, idx).squeeze(-1).abs()
     beta = res.residual_norm.to(fe1.dtype)
     absolute = beta * last * res.start_norm.to(fe1.dtype)
-    denom = torch.linalg.vector_norm(fe1, dim=-1)
-    relative = torch.where(denom > 0, beta * last / torch.where(denom > 0, denom, torch.ones_like(denom)), denom)
+    used = ritz.weights != 0
+    big = torch.finfo(fe1.dtype).max
+    if fn.requires_positive:
+        scale = torch.where(used, ritz.values.abs(), torch.full_like(ritz.values, big)).amin(-1)
+    else:
+        scale = torch.where(used, ritz.values.abs(), torch.zeros_like(ritz.values)).amax(-1)
+    denom = torch.linalg.vector_norm(fe1, dim=-1) * scale
+    ok = (denom > 0) & (denom < big)
+    relative = torch.where(ok, beta * last / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
     return absolute, relative
 
 
 def apply_function(fn: MatrixFunction, ritz: RitzDecomposition, res: LanczosResult) -> Tensor:
     """``f(A) v ≈ ‖v‖ Q f(T) e_1``: ``(*batch, n, k)`` in the basis dtype."""
-    fe1 = (_f_T_e1(fn, ritz) * res.start_norm.to(ritz.values.dtype).unsqueeze(-1)).to(res.basis.dtype)
+    fe1 = (f_T_e1(fn, ritz) * res.start_norm.to(ritz.values.dtype).unsqueeze(-1)).to(res.basis.dtype)
     return (fe1.unsqueeze(-2) @ res.basis).squeeze(-2).mT
 
 
@@ -162,7 +176,7 @@ def gradient_factors(
     dropped = torch.where(total > 0, dropped, torch.zeros_like(dropped))
     dropped = dropped.clamp_min(0)
     need = (dropped > compress_tol).sum(-1).clamp_max(D.shape[-1])  # first r with dropped <= tol
-    r = max(int(need.max()), 1)  # one host sync, outside the Lanczos loop
+    r = max(int(need.max()), 1) if need.numel() else 1  # one host sync, outside the Lanczos loop
     dropped_share = dropped.gather(-1, torch.full_like(need, r).unsqueeze(-1)).squeeze(-1)
     W = U[..., :r].to(res.basis.dtype)  # (*batch, k, m, r)
     Dr = D[..., :r].to(res.basis.dtype)

@@ -1,0 +1,8 @@
+"""``python -m lanczos_grad_gp``: the command line of :mod:`lanczos_grad_gp.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""UCI regression data for examples, the command line and benchmarks.
+
+Files are comma-separated numbers without a header, one row per example, the target in the
+last column, optionally gzip-compressed (``.csv`` or ``.csv.gz``). The package bundles the
+*concrete* set (1030 × 8; see ``lanczos_grad_gp/data/README.md`` for attribution); larger sets
+live under ``../shared/data/uci/<name>/data.csv.gz`` next to a development checkout.
+
+Example:
+    >>> from lanczos_grad_gp.datasets import load_default
+    >>> data = load_default(n=200)
+    >>> tuple(data.train_x.shape), tuple(data.test_x.shape)
+    ((180, 8), (20, 8))
+    >>> abs(float(data.train_y.mean())) < 1e-12, round(float(data.train_y.std()), 6)
+    (True, 1.0)
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_DATASET",
+    "Dataset",
+    "available_datasets",
+    "bundled_data_path",
+    "load_default",
+    "load_uci",
+    "read_table",
+    "shared_data_dir",
+]
+
+DEFAULT_DATASET = "concrete"
+_ENV_DATA_DIR = "LGG_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A z-scored train/test split of a regression data set.
+
+    ``x`` columns and ``y`` are standardised with the *training* mean and standard deviation;
+    ``y_mean`` and ``y_std`` map predictions back: ``y = y_z * y_std + y_mean``.
+
+    Attributes:
+        train_x: ``(n_train, d)`` standardised inputs.
+        train_y: ``(n_train,)`` standardised targets.
+        test_x: ``(n_test, d)`` inputs, standardised with the training statistics.
+        test_y: ``(n_test,)`` targets, standardised with the training statistics.
+        y_mean: training mean of the original targets.
+        y_std: training standard deviation of the original targets.
+        name: short name of the data set (the file stem for a path).
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    y_mean: float
+    y_std: float
+    name: str
+
+    @property
+    def num_train(self) -> int:
+        """Number of training rows."""
+        return self.train_x.shape[0]
+
+    @property
+    def num_test(self) -> int:
+        """Number of test rows."""
+        return self.test_x.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Number of input columns."""
+        return self.train_x.shape[-1]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Dataset:
+        """A copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        return Dataset(
+            move(self.train_x),
+            move(self.train_y),
+            move(self.test_x),
+            move(self.test_y),
+            self.y_mean,
+            self.y_std,
+            self.name,
+        )
+
+
+def bundled_data_path(name: str = DEFAULT_DATASET) -> Path:
+    """Path of a data file bundled with the package (``lanczos_grad_gp/data/<name>.csv.gz``)."""
+    return Path(str(resources.files("lanczos_grad_gp").joinpath("data", f"{name}.csv.gz")))
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data/uci`` next to the repository root, or ``$LGG_DATA_DIR``; ``None`` if absent."""
+    env = os.environ.get(_ENV_DATA_DIR)
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci")
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def available_datasets() -> list[str]:
+    """Names :func:`load_uci` accepts: the bundled set plus those found by :func:`shared_data_dir`."""
+    names = {DEFAULT_DATASET}
+    root = shared_data_dir()
+    if root is not None:
+        names.update(p.parent.name for p in root.glob("*/data.csv*"))
+    return sorted(names)
+
+
+def _resolve(name_or_path: str | os.PathLike) -> tuple[Path, str]:
+    """File path and short name for a data-set name, a file, or a directory holding ``data.csv[.gz]``."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        for fname in ("data.csv.gz", "data.csv"):
+            if (path / fname).is_file():
+                return path / fname, path.name
+        raise FileNotFoundError(f"No data.csv or data.csv.gz in directory {str(path)!r}.")
+    if path.is_file():
+        stem = path.name.removesuffix(".gz").removesuffix(".csv")
+        return path, path.parent.name if stem == "data" else stem
+    name = str(name_or_path)
+    if os.sep not in name and "." not in name:
+        if bundled_data_path(name).is_file():
+            return bundled_data_path(name), name
+        root = shared_data_dir()
+        if root is not None and (root / name).is_dir():
+            return _resolve(root / name)
+        raise FileNotFoundError(f"Unknown data set {name!r}; available: {', '.join(available_datasets())}.")
+    raise FileNotFoundError(f"Data file not found: {str(path)!r}.")
+
+
+def read_table(path: str | os.PathLike, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Read a header-less comma-separated numeric table (``.csv`` or gzip ``.csv.gz``) as a 2-D tensor.
+
+    Raises:
+        ValueError: a non-numeric entry, ragged rows, or an empty file.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    rows: list[list[float]] = []
+    for lineno, line in enumerate(io.StringIO(raw.decode("utf-8")), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append([float(tok) for tok in line.split(",")])
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: expected comma-separated numbers without a header.") from None
+        if len(rows[-1]) != len(rows[0]):
+            raise ValueError(f"{path}:{lineno}: {len(rows[-1])} columns, but the first row has {len(rows[0])}.")
+    if not rows:
+        raise ValueError(f"{path}: no data rows.")
+    return torch.tensor(rows, dtype=dtype)
+
+
+def _test_mask(data_path: Path, split: int, num_rows: int) -> Tensor:
+    """Boolean test mask of standard split ``split`` from the ``test_mask`` file next to ``data_path``."""
+    stem = data_path.name.removesuffix(".gz").removesuffix(".csv")
+    prefix = "" if stem == "data" else f"{stem}_"
+    for suffix in (".csv.gz", ".csv"):
+        mask_path = data_path.parent / f"{prefix}test_mask{suffix}"
+        if mask_path.is_file():
+            masks = read_table(mask_path)
+            break
+    else:
+        raise FileNotFoundError(f"No test-mask file for {str(data_path)!r}; use split=None for a random split.")
+    if masks.shape[0] != num_rows or not 0 <= split < masks.shape[1]:
+        raise ValueError(f"split must be in [0, {masks.shape[1]}) and the mask must have {num_rows} rows.")
+    return masks[:, split] != 0
+
+
+def _standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Z-score both with ``train``'s column statistics (constant columns get scale 1)."""
+    mean = train.mean(0)
+    std = train.std(0) if train.shape[0] > 1 else torch.ones_like(mean)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (train - mean) / std, (test - mean) / std, mean, std
+
+
+def load_uci(
+    name_or_path: str | os.PathLike = DEFAULT_DATASET,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.1,
+    split: int | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Dataset:
+    """Load a UCI-style regression table, shuffle, subsample, split and z-score it.
+
+    Steps: read all rows; shuffle them with a ``torch.Generator`` seeded by ``seed``; keep the
+    first ``n``; put the last ``round(test_fraction · n)`` in the test set (or, with ``split``, the
+    rows the standard test mask marks); z-score ``x`` and ``y`` with the training statistics.
+
+    Args:
+        name_or_path: a data-set name (``"concrete"`` is bundled; others are looked up in
+            :func:`shared_data_dir`), a ``.csv``/``.csv.gz`` file, or a directory with ``data.csv.gz``.
+        n: number of rows to use (train + test); ``None`` for all.
+        seed: seed of the shuffling permutation.
+        test_fraction: share of the rows held out for testing, in ``[0, 1)``.
+        split: index of a standard split from the ``test_mask`` file (overrides ``test_fraction``).
+        dtype: floating dtype of the returned tensors.
+
+    Raises:
+        FileNotFoundError: unknown name or missing file.
+        ValueError: bad ``n``/``test_fraction``, a malformed file, or fewer than 2 training rows.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+        raise ValueError(f"n must be an integer >= 2 or None; got {n!r}.")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction!r}.")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype; got {dtype}.")
+    path, name = _resolve(name_or_path)
+    table = read_table(path)
+    if table.shape[1] < 2:
+        raise ValueError(f"{path}: need at least one input column and the target column.")
+    perm = torch.randperm(table.shape[0], generator=torch.Generator().manual_seed(seed))
+    perm = perm[: n if n is not None else table.shape[0]]
+    rows = table[perm]
+    if split is not None:
+        is_test = _test_mask(path, split, table.shape[0])[perm]
+    else:
+        num_test = round(test_fraction * rows.shape[0])
+        is_test = torch.arange(rows.shape[0]) >= rows.shape[0] - num_test
+    train, test = rows[~is_test], rows[is_test]
+    if train.shape[0] < 2:
+        raise ValueError(f"Only {train.shape[0]} training rows; use a larger n or a smaller test_fraction.")
+    train_x, test_x, _, _ = _standardize(train[:, :-1], test[:, :-1])
+    train_y, test_y, y_mean, y_std = _standardize(train[:, -1:], test[:, -1:])
+    return Dataset(
+        train_x=train_x.to(dtype),
+        train_y=train_y.squeeze(-1).to(dtype),
+        test_x=test_x.to(dtype),
+        test_y=test_y.squeeze(-1).to(dtype),
+        y_mean=float(y_mean),
+        y_std=float(y_std),
+        name=name,
+    )
+
+
+def load_default(
+    *, n: int | None = None, seed: int = 0, test_fraction: float = 0.1, dtype: torch.dtype = torch.float64
+) -> Dataset:
+    """The bundled *concrete* data set (1030 × 8), via :func:`load_uci`."""
+    return load_uci(bundled_data_path(), n=n, seed=seed, test_fraction=test_fraction, dtype=dtype)

@@ -1,0 +1,75 @@
+r"""Greedy pivoted Cholesky of a positive semi-definite operator, lean enough for the hot path.
+
+The algorithm is linear_operator's (Harbrecht, Peters & Schneider 2012; Gardner et al. 2018):
+at step ``j`` pick the pivot ``p = argmax_i d_i`` of the residual diagonal
+``d = diag(K − L_{:j} L_{:j}^T)``, fetch row ``p`` of ``K`` and set
+
+.. math::
+    L_{:,j} = \frac{K_{:,p} - L_{:,:j} L_{p,:j}^\top}{\sqrt{d_p}},\qquad d \leftarrow d - L_{:,j}^2 .
+
+``linear_operator.pivoted_cholesky`` computes the same factor but keeps an explicit
+permutation that it re-gathers and re-repeats over all ``n`` entries at every step, with a
+host sync per step; on the GP hot path that bookkeeping cost more than the Lanczos loop itself
+(profiled: 73% of a training step at n = 927, rank 200). This version does the same arithmetic
+with ``O(n·j)`` work per step, fetches each pivot row through the operator's
+``_get_indices`` (kernel operators evaluate one row, never the matrix), and checks the
+stopping rule only every ``check_every`` steps. ``tests/test_pivoted_cholesky.py`` checks it
+against linear_operator's factor.
+"""
+
+from __future__ import annotations
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor
+
+__all__ = ["pivoted_cholesky"]
+
+
+def _rows(op: LinearOperator, pivots: Tensor) -> Tensor:
+    """Rows ``op[..., pivots, :]`` for one pivot per batch entry: ``(*batch, n)``."""
+    batch, n = op.batch_shape, op.shape[-1]
+    nb = len(batch)
+    batch_idx = [
+        torch.arange(size, device=op.device).view(*([1] * i), size, *([1] * (nb - i - 1)), 1)
+        for i, size in enumerate(batch)
+    ]
+    row = pivots.unsqueeze(-1)  # (*batch, 1)
+    col = torch.arange(n, device=op.device).view(*([1] * nb), n)
+    return op._get_indices(row, col, *batch_idx)
+
+
+def pivoted_cholesky(
+    op: LinearOperator, max_rank: int, error_tol: Tensor | float = 0.0, check_every: int = 8
+) -> Tensor:
+    """Rank-``≤ max_rank`` pivoted Cholesky factor ``L`` (``(*batch, n, k)``) with ``L L^T ≈ op``.
+
+    Stops when the trace of the remainder ``tr(op − L L^T)`` is ``≤ error_tol`` (absolute, per
+    batch entry, checked every ``check_every`` steps) for every batch entry, or at ``max_rank``.
+    Runs under ``no_grad``: the factor is a constant (a preconditioner).
+    """
+    with torch.no_grad():
+        n = op.shape[-1]
+        k = min(int(max_rank), n)
+        d = op.diagonal().detach().clone()  # (*batch, n)
+        d = d.expand(*op.batch_shape, n).clone() if d.shape[:-1] != op.batch_shape else d
+        L = d.new_zeros(*op.batch_shape, n, k)
+        tol = torch.as_tensor(error_tol, dtype=d.dtype, device=d.device)
+        tiny = torch.finfo(d.dtype).tiny
+        rank = k
+        for j in range(k):
+            piv = d.argmax(-1)  # (*batch,)
+            dp = d.gather(-1, piv.unsqueeze(-1)).squeeze(-1)  # (*batch,)
+            row = _rows(op, piv).to(d.dtype)  # (*batch, n)
+            if j:
+                Lp = L[..., :j].gather(-2, piv.view(*piv.shape, 1, 1).expand(*piv.shape, 1, j))  # (*batch, 1, j)
+                row = row - (L[..., :j] @ Lp.mT).squeeze(-1)
+            ok = dp > tiny
+            col = torch.where(ok.unsqueeze(-1), row / dp.clamp_min(tiny).sqrt().unsqueeze(-1), torch.zeros_like(row))
+            L[..., j] = col
+            d = (d - col.square()).clamp_min(0)
+            d.scatter_(-1, piv.unsqueeze(-1), 0.0)  # the pivot is now exact
+            if (j + 1) % check_every == 0 and bool((d.sum(-1) <= tol).all()):  # one sync per check
+                rank = j + 1
+                break
+        return L[..., :rank]

@@ -1,0 +1,140 @@
+"""End-to-end tests of the command line (``lanczos-grad-gp`` / ``python -m lanczos_grad_gp``)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lanczos_grad_gp.cli import format_table, main, parse_methods
+from lanczos_grad_gp.datasets import load_default
+from lanczos_grad_gp.training import METHODS, RunResult, fit_and_evaluate, method_context
+
+TINY = ["--n", "120", "--steps", "3", "--no-progress"]
+
+
+def _table_rows(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        for label in ("test RMSE", "test NLL", "time per step [ms]", "noise", "outputscale", "mean lengthscale"):
+            if line.startswith(label):
+                rows[label] = line[len(label) :].split()
+    return rows
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_end_to_end(method: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*TINY, "--method", method]) == 0
+    out = capsys.readouterr().out
+    assert "data: concrete (n_train=108, n_test=12, d=8)" in out
+    header = next(line for line in out.splitlines() if line.strip() == method)
+    assert header
+    rows = _table_rows(out)
+    assert set(rows) == {"test RMSE", "test NLL", "time per step [ms]", "noise", "outputscale", "mean lengthscale"}
+    for cells in rows.values():
+        assert len(cells) == 1 and math.isfinite(float(cells[0]))
+    assert 0 < float(rows["test RMSE"][0]) < 40  # original scale (MPa), not z-scored
+    assert "original y scale" in out
+
+
+def test_default_methods_and_comma_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(TINY) == 0
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header == ["ours", "cholesky"]
+    assert main([*TINY, "--method", "cholesky,ours", "--method", "gpytorch", "--method", "ours"]) == 0
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header == ["cholesky", "ours", "gpytorch"]
+
+
+def test_float32_and_options(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*TINY, "--dtype", "float32", "--num-probes", "4", "--max-iter", "20", "--seed", "2", "--lr", "0.05"]
+    argv += ["--precond-rank", "5"]
+    assert main([*argv, "--method", "ours,gpytorch"]) == 0
+    out = capsys.readouterr().out
+    assert "float32 on cpu" in out and "seed 2" in out
+
+
+def test_custom_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(60, 2, generator=gen, dtype=torch.float64)
+    y = torch.sin(6 * x[:, 0]) + 0.1 * torch.randn(60, generator=gen, dtype=torch.float64)
+    path = tmp_path / "mine.csv"
+    path.write_text("\n".join(",".join(f"{v:.6f}" for v in row) for row in torch.cat([x, y[:, None]], 1)))
+    assert main(["--data", str(path), "--steps", "2", "--no-progress", "--method", "cholesky"]) == 0
+    assert "data: mine (n_train=54, n_test=6, d=2)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "adam"], "unknown method 'adam'"),
+        (["--method", "ours,bogus"], "unknown method 'bogus'"),
+        (["--data", "/nonexistent/file.csv.gz"], "no such file"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--n", "-5"], "--n must be a positive integer"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--precond-rank", "-1"], "--precond-rank must be a non-negative integer"),
+        (["--test-fraction", "1.5"], "--test-fraction must be in [0, 1)"),
+        (["--dtype", "float16"], "invalid choice"),
+        (["--device", "nonsense"], "--device"),
+    ],
+)
+def test_argument_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: lanczos-grad-gp" in err
+
+
+def test_malformed_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "header.csv"
+    path.write_text("a,b,y\n1,2,3\n4,5,6\n")
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--data", str(path)])
+    assert excinfo.value.code == 2
+    assert "comma-separated numbers" in capsys.readouterr().err
+
+
+def test_python_dash_m_subprocess(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "lanczos_grad_gp", "--n", "80", "--steps", "2", "--method", "cholesky"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "test RMSE" in proc.stdout
+    assert "cholesky" in proc.stderr  # the tqdm progress bar
+    bad = subprocess.run([*cmd[:3], "--method", "nope"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
+
+
+def test_parse_methods() -> None:
+    assert parse_methods(None) == ["ours", "cholesky"]
+    assert parse_methods(["OURS, gpytorch", "ours"]) == ["ours", "gpytorch"]
+    with pytest.raises(ValueError, match="choose from"):
+        parse_methods([","])
+
+
+def test_method_context_rejects_unknown() -> None:
+    with pytest.raises(ValueError, match="Unknown method"):
+        method_context("lbfgs")
+
+
+def test_format_table_without_metrics() -> None:
+    table = format_table([RunResult(method="ours")])
+    assert "ours" in table and "test RMSE" in table
+
+
+def test_methods_agree_on_tiny_problem() -> None:
+    """All three back ends optimise the same objective: the fitted models are close."""
+    data = load_default(n=150)
+    results = {m: fit_and_evaluate(data, m, steps=5, progress=False) for m in METHODS}
+    ref = results["cholesky"]
+    for method in ("ours", "gpytorch"):
+        got = results[method]
+        assert abs(got.losses[0] - ref.losses[0]) < 0.05 * abs(ref.losses[0]) + 0.05
+        assert abs(got.metrics.rmse - ref.metrics.rmse) < 0.1 * ref.metrics.rmse
+        for name, value in ref.hyperparameters.items():
+            assert abs(got.hyperparameters[name] - value) < 0.1 * abs(value) + 0.02, (method, name)

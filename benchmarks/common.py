@@ -27,7 +27,9 @@ METHODS: dict[str, str] = {
     "gpytorch": "(b) GPyTorch mBCG + SLQ, max_cholesky_size(0), default cg_tolerance (1.0), 10 probes",
     "gpytorch-tight": "(b) same, cg_tolerance(1e-4), max_cg_iterations(3000), max_lanczos_quadrature_iterations(100)",
     "ours": "(e) lgg.settings.use_lanczos_grad(), defaults (tol 1e-4 f64, rank<=500 precond, 10 probes)",
-    "ours-tight": "(e) ours with lanczos_tol(1e-6), max_lanczos_iter(200), max_preconditioner_size(1000), num_probes(30)",
+    "ours-tight": (
+        "(e) ours with lanczos_tol(1e-6), max_lanczos_iter(400), max_preconditioner_size(1000), num_probes(30)"
+    ),
     "backprop": "(c) autograd through lgg.lanczos_tridiag, same probes/preconditioner/iterations as ours",
     "backprop-reorth": "(c) same with full reorthogonalization",
     "adjoint": "(d) adjoint Lanczos (Kraemer et al. 2024 / matfree), same probes/preconditioner/iterations",

@@ -21,11 +21,12 @@ import torch
 
 import lanczos_grad_gp as lgg
 
+NO_BATCH = torch.Size()
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci"
 
 
 class ExactGP(gpytorch.models.ExactGP):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_shape: torch.Size = torch.Size()) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_shape: torch.Size = NO_BATCH) -> None:
         likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch_shape)
         super().__init__(x, y, likelihood)
         self.mean_module = gpytorch.means.ConstantMean(batch_shape=batch_shape)
@@ -37,7 +38,9 @@ class ExactGP(gpytorch.models.ExactGP):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def make_data(n: int, d: int = 3, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(
+    n: int, d: int = 3, dtype: torch.dtype = torch.float64, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, d, generator=g, dtype=dtype)
     y = torch.sin(6 * x).sum(-1) + 0.1 * torch.randn(n, generator=g, dtype=dtype)
@@ -67,7 +70,7 @@ def mll_and_grad(model: ExactGP, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     return value.detach(), grad
 
 
-def fresh_model(x, y, noise=0.05, batch_shape=torch.Size()) -> ExactGP:
+def fresh_model(x, y, noise=0.05, batch_shape=NO_BATCH) -> ExactGP:
     model = ExactGP(x, y, batch_shape).to(x.dtype)
     model.likelihood.noise = noise
     model.covar_module.base_kernel.lengthscale = 0.3
@@ -242,7 +245,7 @@ def test_botorch_fit_converges_under_flag() -> None:
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(150, 2, generator=g, dtype=torch.float64)
-    y = (torch.sin(5 * x[:, :1]) + torch.cos(3 * x[:, 1:]) + 0.05 * torch.randn(150, 1, generator=g, dtype=torch.float64))
+    y = torch.sin(5 * x[:, :1]) + torch.cos(3 * x[:, 1:]) + 0.05 * torch.randn(150, 1, generator=g, dtype=torch.float64)
 
     def fit(flag: bool) -> tuple[float, torch.Tensor]:
         torch.manual_seed(0)

@@ -31,7 +31,9 @@ class TestLanczosGradLinearOperator(LinearOperatorTestCase, unittest.TestCase):
         kernel = torch.exp(-0.5 * torch.cdist(x, x).square()) + 0.1 * torch.eye(5)
         kernel.requires_grad_(True)
         noise = torch.full((5,), 0.5, requires_grad=True)
-        return lgg.LanczosGradLinearOperator(AddedDiagLinearOperator(DenseLinearOperator(kernel), DiagLinearOperator(noise)))
+        return lgg.LanczosGradLinearOperator(
+            AddedDiagLinearOperator(DenseLinearOperator(kernel), DiagLinearOperator(noise))
+        )
 
     def evaluate_linear_op(self, linear_op: lgg.LanczosGradLinearOperator) -> torch.Tensor:
         return linear_op.base.to_dense()

@@ -20,7 +20,7 @@ against linear_operator's factor.
 from __future__ import annotations
 
 import torch
-from linear_operator.operators import LinearOperator
+from linear_operator.operators import DenseLinearOperator, LinearOperator
 from torch import Tensor
 
 __all__ = ["pivoted_cholesky"]
@@ -29,6 +29,9 @@ __all__ = ["pivoted_cholesky"]
 def _rows(op: LinearOperator, pivots: Tensor) -> Tensor:
     """Rows ``op[..., pivots, :]`` for one pivot per batch entry: ``(*batch, n)``."""
     batch, n = op.batch_shape, op.shape[-1]
+    if isinstance(op, DenseLinearOperator):  # a plain gather: no advanced-indexing machinery
+        dense = op.tensor.expand(*batch, n, n)
+        return dense.gather(-2, pivots.view(*pivots.shape, 1, 1).expand(*pivots.shape, 1, n)).squeeze(-2)
     nb = len(batch)
     batch_idx = [
         torch.arange(size, device=op.device).view(*([1] * i), size, *([1] * (nb - i - 1)), 1)
@@ -53,7 +56,7 @@ def pivoted_cholesky(
         k = min(int(max_rank), n)
         d = op.diagonal().detach().clone()  # (*batch, n)
         d = d.expand(*op.batch_shape, n).clone() if d.shape[:-1] != op.batch_shape else d
-        L = d.new_zeros(*op.batch_shape, n, k)
+        Lt = d.new_zeros(*op.batch_shape, k, n)  # rows of L^T: each new column is one contiguous write
         tol = torch.as_tensor(error_tol, dtype=d.dtype, device=d.device)
         tiny = torch.finfo(d.dtype).tiny
         rank = k
@@ -62,14 +65,15 @@ def pivoted_cholesky(
             dp = d.gather(-1, piv.unsqueeze(-1)).squeeze(-1)  # (*batch,)
             row = _rows(op, piv).to(d.dtype)  # (*batch, n)
             if j:
-                Lp = L[..., :j].gather(-2, piv.view(*piv.shape, 1, 1).expand(*piv.shape, 1, j))  # (*batch, 1, j)
-                row = row - (L[..., :j] @ Lp.mT).squeeze(-1)
+                prev = Lt[..., :j, :]  # (*batch, j, n)
+                Lp = prev.gather(-1, piv.view(*piv.shape, 1, 1).expand(*piv.shape, j, 1))  # (*batch, j, 1)
+                row = row - (prev.mT @ Lp).squeeze(-1)
             ok = dp > tiny
             col = torch.where(ok.unsqueeze(-1), row / dp.clamp_min(tiny).sqrt().unsqueeze(-1), torch.zeros_like(row))
-            L[..., j] = col
+            Lt[..., j, :] = col
             d = (d - col.square()).clamp_min(0)
             d.scatter_(-1, piv.unsqueeze(-1), 0.0)  # the pivot is now exact
             if (j + 1) % check_every == 0 and bool((d.sum(-1) <= tol).all()):  # one sync per check
                 rank = j + 1
                 break
-        return L[..., :rank]
+        return Lt[..., :rank, :].mT

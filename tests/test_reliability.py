@@ -105,6 +105,7 @@ BAD_CALLS = {
         ValueError,
         "square",
     ),
+    "LanczosGradLinearOperator str": (lambda A: lgg.LanczosGradLinearOperator("A"), TypeError, "LinearOperator"),
     "LanczosGradLinearOperator NaN": (
         lambda A: lgg.LanczosGradLinearOperator(DenseLinearOperator(_NAN)).inv_quad_logdet(_v, True),
         ValueError,

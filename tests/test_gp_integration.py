@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -239,7 +240,8 @@ def test_training_with_adam_matches_cholesky() -> None:
 
 
 def test_botorch_fit_converges_under_flag() -> None:
-    botorch = pytest.importorskip("botorch")
+    pytest.importorskip("botorch")
+    from botorch.exceptions.warnings import OptimizationWarning
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import SingleTaskGP
 
@@ -247,26 +249,33 @@ def test_botorch_fit_converges_under_flag() -> None:
     x = torch.rand(150, 2, generator=g, dtype=torch.float64)
     y = torch.sin(5 * x[:, :1]) + torch.cos(3 * x[:, 1:]) + 0.05 * torch.randn(150, 1, generator=g, dtype=torch.float64)
 
-    def fit(flag: bool) -> tuple[float, torch.Tensor]:
+    def fit(num_probes: int | None) -> float:
         torch.manual_seed(0)
         model = SingleTaskGP(x, y)
         mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-        if flag:
-            with lgg.settings.use_lanczos_grad(), lgg.settings.probe_seed(0), lgg.record_calls() as calls:
+        if num_probes is None:
+            fit_gpytorch_mll(mll)
+        else:
+            with (
+                lgg.settings.use_lanczos_grad(),
+                lgg.settings.num_probes(num_probes),
+                lgg.settings.probe_seed(0),
+                lgg.record_calls() as calls,
+                warnings.catch_warnings(),
+            ):
+                warnings.simplefilter("error", OptimizationWarning)  # L-BFGS must terminate normally
                 fit_gpytorch_mll(mll)
             assert len(calls) > 3  # L-BFGS evaluated the objective through our routine
-        else:
-            fit_gpytorch_mll(mll)
         model.train()
         with torch.no_grad():
-            value = float(mll(model(x), model.train_targets))
-        return value, model.covar_module.lengthscale.detach().reshape(-1)
+            return float(mll(model(x), model.train_targets))  # exact (Cholesky) MLL at the fitted point
 
-    assert botorch is not None
-    v_ref, ls_ref = fit(False)
-    v_ours, ls_ours = fit(True)
-    assert abs(v_ours - v_ref) <= 1e-2 * abs(v_ref) + 1e-2
-    assert float((ls_ours.log() - ls_ref.log()).abs().max()) <= 0.1
+    v_ref = fit(None)
+    # With fixed probes the objective is deterministic, so L-BFGS converges, but to the optimum of
+    # the probe-estimated MLL: 10 probes move it by the probe noise (measured 3.2% in MLL here),
+    # the exact trace (num_probes >= n) removes it.
+    assert abs(fit(10) - v_ref) <= 0.05 * abs(v_ref)
+    assert abs(fit(150) - v_ref) <= 1e-6 * abs(v_ref)
 
 
 def test_multi_output_botorch_model() -> None:

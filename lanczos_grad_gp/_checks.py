@@ -15,7 +15,7 @@ from linear_operator.operators import DenseLinearOperator, LinearOperator, to_li
 from torch import Tensor
 from torch._C import _functions
 
-__all__ = ["check_operator", "check_symmetric", "first_order_only"]
+__all__ = ["broadcast_rhs", "check_operator", "check_symmetric", "first_order_only"]
 
 _DOUBLE_BACKWARD_MSG = (
     b"lanczos_grad_gp: the forward-only Lanczos gradient is first-order only; differentiating it again "
@@ -118,6 +118,36 @@ def check_operator(A: Any, name: str = "A", what: str = "") -> LinearOperator:
         check_symmetric(A.tensor, name, what)
         return A
     for t in A.representation():  # kernel inputs, hyperparameters, noise, dense blocks
-        if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not _all_finite(t.detach()):
             raise ValueError(f"{name} contains NaN or Inf{what}. {_NAN_ADVICE}")
     return A
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether ``t`` has no NaN/Inf, in one reduction without an ``n x n`` boolean temporary.
+
+    A NaN or Inf entry makes the sum non-finite; only a sum that overflows from finite entries
+    needs the elementwise check (one host sync either way).
+    """
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def broadcast_rhs(A: LinearOperator, rhs: Tensor, name: str, nan_hint: str = "") -> tuple[LinearOperator, Tensor]:
+    """Broadcast the batch shapes of ``A`` and of the columns ``rhs`` (``(*batch, n, k)``); reject NaN/Inf.
+
+    Returns ``A`` expanded (lazily) and ``rhs`` expanded to the common batch shape.
+    """
+    n = A.shape[-1]
+    if not bool(torch.isfinite(rhs).all()):
+        raise ValueError(f"{name} contains NaN or Inf{nan_hint}.")
+    try:
+        batch = torch.broadcast_shapes(A.batch_shape, rhs.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"batch shapes of A {tuple(A.batch_shape)} and {name} {tuple(rhs.shape[:-2])} do not broadcast."
+        ) from None
+    if A.batch_shape != batch:
+        A = A.expand(*batch, n, n)
+    return A, rhs.expand(*batch, n, rhs.shape[-1])

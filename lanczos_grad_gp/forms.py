@@ -34,7 +34,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from ._checks import check_operator, first_order_only
+from ._checks import broadcast_rhs, check_operator, first_order_only
 from .lanczos import LanczosResult, lanczos_tridiag
 from .matfuncs import MatrixFunction, get_matrix_function
 from .quadrature import (
@@ -161,9 +161,7 @@ def run_lanczos(
         check_every=options.check_every,
         allow_zero=True,
     )
-    if not bool(torch.isfinite(res.alpha).all() & torch.isfinite(res.beta).all()):
-        raise ValueError("The operator produced NaN or Inf in a matrix-vector product: check A for NaN/Inf.")
-    return res, tol, compress
+    return res, tol, compress  # lanczos_tridiag already raised on NaN/Inf
 
 
 def make_info(fn: MatrixFunction, ritz, res: LanczosResult, tol: float, dropped: Tensor, rank: int) -> QuadFormInfo:
@@ -272,17 +270,7 @@ def _prepare(A: LinearOperator | Tensor, v: Tensor, name: str = "v") -> tuple[Li
         raise ValueError(
             f"{name} must have shape (*batch, n) or (*batch, n, k) with n = {n} matching A; got {tuple(v.shape)}."
         )
-    if not bool(torch.isfinite(vv).all()):
-        raise ValueError(f"{name} contains NaN or Inf.")
-    try:
-        batch = torch.broadcast_shapes(A.batch_shape, vv.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"batch shapes of A {tuple(A.batch_shape)} and {name} {tuple(vv.shape[:-2])} do not broadcast."
-        ) from None
-    if A.batch_shape != batch:
-        A = A.expand(*batch, n, n)
-    vv = vv.expand(*batch, n, vv.shape[-1])
+    A, vv = broadcast_rhs(A, vv, name)
     return A, vv, was_vector
 
 

@@ -38,7 +38,7 @@ from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
 from . import settings
-from ._checks import check_operator, first_order_only
+from ._checks import broadcast_rhs, check_operator, first_order_only
 from .lanczos import LanczosResult, lanczos_tridiag
 from .matfuncs import BUILTIN_FUNCTIONS
 from .preconditioner import SplitPreconditioner, pivoted_cholesky_preconditioner
@@ -327,13 +327,18 @@ def _check_pd(ritz: RitzDecomposition, res: LanczosResult, n: int) -> None:
 
 
 def _warn_if_not_converged(info: InvQuadLogdetInfo) -> None:
-    """Never return an unconverged result silently (GPyTorch warns the same way when CG stops early).
+    """Never return a far-from-converged result silently (GPyTorch warns the same way when CG stops early).
 
+    Warns when the iteration cap stopped a column with a relative residual above ``10 · tol``
+    (``info.converged`` reports the strict test; the gradient error is about twice the residual,
+    so a residual within 10x of a 1e-4 tolerance is still far more accurate than the probe noise).
     ``lanczos_tol(0)`` asks for a fixed number of steps (no stopping test): nothing to warn about.
     """
     if info.converged or info.options.tol == 0:
         return
     worst = float(torch.cat([info.inv_quad_relative_residual, info.logdet_relative_residual], -1).max())
+    if worst <= 10 * info.options.tol:
+        return
     warnings.warn(
         f"lanczos_grad_gp.inv_quad_logdet: Lanczos stopped after {int(info.iterations.max())} steps (n={info.n}) "
         f"with relative residual {worst:.2e} > tol {info.options.tol:.1e}; the value and gradient may be "
@@ -367,17 +372,7 @@ def _validate(A: Any, rhs: Tensor | None, logdet: bool) -> tuple[LinearOperator,
             f"inv_quad_rhs must have shape (*batch, n) for a 2-D A or (*batch, n, k) with n = {n}; "
             f"got {tuple(rhs.shape)} for A of shape {tuple(A.shape)}."
         )
-    try:
-        batch = torch.broadcast_shapes(A.batch_shape, r.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"Batch shapes of A {tuple(A.batch_shape)} and inv_quad_rhs {tuple(r.shape[:-2])} do not broadcast."
-        ) from None
-    if A.batch_shape != batch:
-        A = A.expand(*batch, n, n)
-    r = r.expand(*batch, n, r.shape[-1])
-    if not bool(torch.isfinite(r).all()):
-        raise ValueError("inv_quad_rhs contains NaN or Inf (check the training targets and the mean function).")
+    A, r = broadcast_rhs(A, r, "inv_quad_rhs", " (check the training targets and the mean function)")
     return A, r, is_vector
 
 

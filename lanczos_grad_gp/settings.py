@@ -146,8 +146,9 @@ class max_lanczos_iter(_thread_local_value):
 class lanczos_tol(_thread_local_value):
     """Relative function-residual tolerance at which a Lanczos column stops.
 
-    ``None`` means the dtype default: 1e-4 in float64, 1e-3 in float32 — the gradient error
-    of the GP routine is about twice the relative residual, below the probe noise of 10 probes.
+    ``None`` means 1e-4 in float64 and 1e-3 in float32. At 1e-3 in float64 single gradient
+    components were measured off by up to 3% (protein, n = 1500); at 1e-4 the gradient error stays
+    below the noise of 10 probes.
     (Default: None)
     """
 

@@ -41,7 +41,7 @@ from . import settings
 from ._checks import broadcast_rhs, check_operator, first_order_only
 from .lanczos import LanczosResult, lanczos_tridiag
 from .matfuncs import BUILTIN_FUNCTIONS
-from .preconditioner import SplitPreconditioner, pivoted_cholesky_preconditioner
+from .preconditioner import pivoted_cholesky_preconditioner
 from .quadrature import (
     RitzDecomposition,
     apply_function,
@@ -413,10 +413,3 @@ def inv_quad_logdet(
     elif is_vector:
         inv_quad = inv_quad.squeeze(-1)
     return inv_quad, ld
-
-
-def gp_precondition_info(A: LinearOperator) -> SplitPreconditioner:
-    """The preconditioner :func:`inv_quad_logdet` would use for ``A`` under the current settings."""
-    return pivoted_cholesky_preconditioner(
-        A, settings.max_preconditioner_size.value(), settings.preconditioner_tol.value()
-    )

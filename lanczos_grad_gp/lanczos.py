@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LanczosResult", "lanczos_tridiag", "as_matmul"]
+__all__ = ["LanczosResult", "lanczos_tridiag"]
 
 MatmulFn = Callable[[Tensor], Tensor]
 
@@ -78,39 +78,6 @@ class LanczosResult:
         if self.num_steps > 1:
             T = T + torch.diag_embed(self.beta, offset=1) + torch.diag_embed(self.beta, offset=-1)
         return T
-
-
-def as_matmul(operator: object) -> tuple[MatmulFn, int, torch.dtype, torch.device, torch.Size]:
-    """Turn a LinearOperator, a dense tensor, or ``(matmul_fn, size)`` into a matmul closure.
-
-    Returns ``(matmul, n, dtype, device, batch_shape)``. A matmul closure maps
-    ``(*batch, n, k) -> (*batch, n, k)``. For a callable, ``operator`` must be a pair
-    ``(fn, n)`` or ``(fn, n, dtype, device)``; dtype/device default to float64/cpu.
-    """
-    from linear_operator.operators import LinearOperator
-
-    if isinstance(operator, LinearOperator):
-        _check_square(operator.shape, "operator")
-        return operator.matmul, operator.shape[-1], operator.dtype, operator.device, operator.batch_shape
-    if isinstance(operator, Tensor):
-        _check_square(operator.shape, "operator")
-        return operator.matmul, operator.shape[-1], operator.dtype, operator.device, operator.shape[:-2]
-    if isinstance(operator, tuple) and len(operator) in (2, 4) and callable(operator[0]):
-        fn, n = operator[0], int(operator[1])
-        dtype = operator[2] if len(operator) == 4 else torch.float64
-        device = torch.device(operator[3]) if len(operator) == 4 else torch.device("cpu")
-        if n < 1:
-            raise ValueError(f"operator size must be a positive integer, got {n}.")
-        return fn, n, dtype, device, torch.Size()
-    raise TypeError(
-        "operator must be a LinearOperator, a dense (*batch, n, n) tensor, or a tuple "
-        f"(matmul_fn, n[, dtype, device]); got {type(operator).__name__}."
-    )
-
-
-def _check_square(shape: torch.Size, name: str) -> None:
-    if len(shape) < 2 or shape[-1] != shape[-2]:
-        raise ValueError(f"{name} must be square with shape (*batch, n, n); got shape {tuple(shape)}.")
 
 
 def lanczos_tridiag(

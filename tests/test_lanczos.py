@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import eps, spd_matrix
 
-from lanczos_grad_gp.lanczos import as_matmul, lanczos_tridiag
+from lanczos_grad_gp.lanczos import lanczos_tridiag
 
 DTYPES = (torch.float64, torch.float32)
 
@@ -185,18 +185,3 @@ def test_lanczos_bad_arguments(kwargs, v0, match):
     v0 = randn(6, 1, seed=0) if v0 is None else v0
     with pytest.raises(ValueError, match=match):
         lanczos_tridiag(A.matmul, v0, **kwargs)
-
-
-def test_as_matmul():
-    A = spd_matrix(6, 5.0, seed=0)
-    mm, n, dtype, device, batch = as_matmul(A)
-    assert n == 6 and dtype == torch.float64 and batch == torch.Size()
-    with pytest.raises(ValueError, match="square"):
-        as_matmul(torch.ones(3, 4))
-    with pytest.raises(TypeError, match="LinearOperator"):
-        as_matmul([[1.0]])
-    with pytest.raises(ValueError, match="positive integer"):
-        as_matmul((A.matmul, 0))
-    mm, n, *_ = as_matmul((A.matmul, 6))
-    x = randn(6, 2, seed=1)
-    assert n == 6 and torch.equal(mm(x), A @ x)

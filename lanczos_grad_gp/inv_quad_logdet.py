@@ -189,6 +189,7 @@ class _InvQuadLogdet(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         A = representation_tree(*matrix_args)
         n, batch, dtype, device = A.shape[-1], A.batch_shape, A.dtype, A.device
+        need_matrix_grad = any(ctx.needs_input_grad[5:])
         with torch.no_grad():
             precond = pivoted_cholesky_preconditioner(A, options.max_preconditioner_size, options.preconditioner_tol)
             t = 0 if rhs is None else rhs.shape[-1]
@@ -227,7 +228,7 @@ class _InvQuadLogdet(torch.autograd.Function):
                 res_t, ritz_t = _columns(res, slice(0, t)), _columns(ritz, slice(0, t))
                 inv_quad = quadrature(_INV, ritz_t).to(dtype)
                 _, inv_rel = function_residual(_INV, ritz_t, res_t)
-                if any(ctx.needs_input_grad[5:]):
+                if need_matrix_grad:
                     left, right, _ = gradient_factors(_INV, ritz_t, res_t, compress_tol=options.tol)
                     ctx.inv_rank = left.shape[-1]
                     lefts.append(precond.inv_root_t(_flat(left)))
@@ -244,7 +245,7 @@ class _InvQuadLogdet(torch.autograd.Function):
                 if not exact_trace and num > 1:
                     se = per_probe.std(-1) / num**0.5
                 _, log_rel = function_residual(_LOG, ritz_p, res_p)
-                if any(ctx.needs_input_grad[5:]):
+                if need_matrix_grad:
                     left, right, _ = gradient_factors(_LOG, ritz_p, res_p, compress_tol=options.tol)
                     ctx.log_rank = left.shape[-1]
                     lefts.append(precond.inv_root_t(_flat(left)) * weight)
@@ -265,8 +266,6 @@ class _InvQuadLogdet(torch.autograd.Function):
             )
         )
         ctx.representation_tree = representation_tree
-        ctx.t, ctx.num = t, num
-        need_matrix_grad = any(ctx.needs_input_grad[5:])
         ctx.has_inv = bool(t) and need_matrix_grad
         ctx.has_log = want_logdet and need_matrix_grad
         ctx.has_fv = fv is not None

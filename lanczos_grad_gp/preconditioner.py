@@ -105,14 +105,12 @@ def pivoted_cholesky_preconditioner(A: LinearOperator, max_rank: int, trace_tol:
             return SplitPreconditioner(inv_sqrt_d, None, None, logdet, 0)
         L = L[..., :k_ok]
         M = L * inv_sqrt_d.unsqueeze(-1)  # (*batch, n, k)
-        # Thin SVD through the k x k Gram matrix: M^T M = V diag(s²) V^T, U = M V diag(1/s).
-        # Directions with s² below eps·max(s²) are dropped (they would not change P at working precision).
-        s2, V = torch.linalg.eigh(M.mT @ M)
-        keep = s2 > torch.finfo(M.dtype).eps * s2.amax(-1, keepdim=True).clamp_min(torch.finfo(M.dtype).tiny)
-        s2 = torch.where(keep, s2, torch.zeros_like(s2))
-        U = (M @ V) * torch.where(
-            keep, s2.clamp_min(torch.finfo(M.dtype).tiny).rsqrt(), torch.zeros_like(s2)
-        ).unsqueeze(-2)
+        # Thin SVD via QR (orthonormal U to working precision, also in float32, so that the applied
+        # C^{-1} and log det P stay consistent): M = Q R, R = W diag(s) V^T, U = Q W.
+        Q, R = torch.linalg.qr(M)
+        W, s, _ = torch.linalg.svd(R)
+        U = Q @ W
+        s2 = s.square()
         scale = (1.0 + s2).rsqrt() - 1.0
         logdet = logdet + torch.log1p(s2).sum(-1)
         return SplitPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1])

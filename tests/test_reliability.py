@@ -27,6 +27,7 @@ from linear_operator.utils.errors import NotPSDError
 from linear_operator.utils.warnings import NumericalWarning
 
 import lanczos_grad_gp as lgg
+from lanczos_grad_gp.training import ExactGPModel
 
 F64 = torch.float64
 
@@ -215,16 +216,6 @@ def test_exp_overflow_in_float32_raises_instead_of_inf():
 # GPyTorch models under the flag
 
 
-class _GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, lik):
-        super().__init__(x, y, lik)
-        self.mean = gpytorch.means.ConstantMean()
-        self.cov = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean(x), self.cov(x))
-
-
 def _gp(n, dtype=F64, noise=1e-2, dup=0.0, seed=0, y=None):
     """RBF GP on [0,1]²; with ``dup > 0`` the second half of the inputs repeats the first half within ``dup``."""
     g = torch.Generator().manual_seed(seed)
@@ -236,8 +227,8 @@ def _gp(n, dtype=F64, noise=1e-2, dup=0.0, seed=0, y=None):
         y = torch.sin(6 * x[:, 0]) + 0.1 * torch.randn(n, generator=g, dtype=F64)
     x, y = x.to(dtype), y.to(dtype)
     lik = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-8)).to(dtype)
-    model = _GP(x, y, lik).to(dtype)
-    model.initialize(**{"likelihood.noise": noise, "cov.base_kernel.lengthscale": 0.3})
+    model = ExactGPModel(x, y, lik).to(dtype)
+    model.initialize(**{"likelihood.noise": noise, "covar_module.base_kernel.lengthscale": 0.3})
     return model, lik, x, y
 
 
@@ -260,10 +251,10 @@ def _mll(model, lik, x, y, flag=True, probes=None, create_graph=False):
 def test_gp_nan_hyperparameter_raises_clear_error(what):
     model, lik, x, y = _gp(30)
     raw = {
-        "lengthscale": model.cov.base_kernel.raw_lengthscale,
-        "outputscale": model.cov.raw_outputscale,
+        "lengthscale": model.covar_module.base_kernel.raw_lengthscale,
+        "outputscale": model.covar_module.raw_outputscale,
         "noise": lik.noise_covar.raw_noise,
-        "mean": model.mean.constant,
+        "mean": model.mean_module.constant,
     }[what]
     with torch.no_grad():
         raw.fill_(float("nan"))
@@ -488,7 +479,7 @@ def test_double_backward_through_gp_flag_path_raises():
         model.zero_grad()
         with lgg.settings.use_lanczos_grad():
             loss = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)(model(x), y)
-        (g,) = torch.autograd.grad(loss, model.cov.base_kernel.raw_lengthscale, create_graph=True)
+        (g,) = torch.autograd.grad(loss, model.covar_module.base_kernel.raw_lengthscale, create_graph=True)
     with pytest.raises(RuntimeError, match="first-order only"):
         g.sum().backward()
 

@@ -21,6 +21,7 @@ import torch
 
 import lanczos_grad_gp as lgg
 from lanczos_grad_gp import settings as S
+from lanczos_grad_gp.training import ExactGPModel
 
 VALUE_SETTINGS = [
     S.max_lanczos_iter,
@@ -179,23 +180,13 @@ def test_shared_context_object_across_threads_restores_per_thread():
 # The flag path through GPyTorch
 
 
-class _GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, lik):
-        super().__init__(x, y, lik)
-        self.mean = gpytorch.means.ConstantMean()
-        self.cov = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean(x), self.cov(x))
-
-
 def _model(n=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 2, generator=g, dtype=torch.float64)
     y = torch.sin(6 * x[:, 0]) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
     lik = gpytorch.likelihoods.GaussianLikelihood().double()
-    model = _GP(x, y, lik).double()
-    model.initialize(**{"likelihood.noise": 0.05, "cov.base_kernel.lengthscale": 0.3})
+    model = ExactGPModel(x, y, lik).double()
+    model.initialize(**{"likelihood.noise": 0.05, "covar_module.base_kernel.lengthscale": 0.3})
     return model, lik, x, y
 
 

@@ -223,7 +223,10 @@ def _sum_to_shape(g: Tensor, shape: torch.Size) -> Tensor:
 
 
 class ChunkedKernel(gpytorch.kernels.Kernel):
-    """GPyTorch kernel whose kernel matrices are :class:`ChunkedKernelLinearOperator` (never dense).
+    """GPyTorch kernel whose kernel matrices are evaluated in row blocks (never dense).
+
+    The matrices are :class:`~lanczos_grad_gp.stationary_kernels.StationaryKernelLinearOperator`
+    with ``dense=False`` (a :class:`ChunkedKernelLinearOperator` with a closed-form gradient).
 
     Wraps ``RBFKernel`` or ``MaternKernel`` (``nu`` 0.5/1.5/2.5), optionally inside a
     ``ScaleKernel``; the wrapped module keeps the parameters, priors and constraints, so a model's
@@ -259,26 +262,22 @@ class ChunkedKernel(gpytorch.kernels.Kernel):
         """A :class:`ChunkedKernelLinearOperator` (or the wrapped kernel's output for ``diag``)."""
         if diag or last_dim_is_batch:
             return self.base_kernel.forward(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+        from .stationary_kernels import StationaryKernelLinearOperator
+
         inner = self._inner
         if isinstance(self.base_kernel, gpytorch.kernels.ScaleKernel):
             outputscale = self.base_kernel.outputscale
         else:
             outputscale = torch.ones(self.batch_shape, dtype=x1.dtype, device=x1.device)
-        kwargs: dict[str, Any] = {}
-        if isinstance(inner, gpytorch.kernels.MaternKernel):
-            covar_func: Callable[..., Tensor] = matern_covar
-            kwargs["nu"] = float(inner.nu)
-        else:
-            covar_func = rbf_covar
-        return ChunkedKernelLinearOperator(
+        nu = float(inner.nu) if isinstance(inner, gpytorch.kernels.MaternKernel) else None
+        return StationaryKernelLinearOperator(
             x1,
             x2,
-            covar_func=covar_func,
-            num_nonbatch_dimensions={"lengthscale": 2},
-            chunk_size=self.chunk_size,
             lengthscale=inner.lengthscale,
             outputscale=outputscale,
-            **kwargs,
+            nu=nu,
+            dense=False,
+            chunk_size=self.chunk_size,
         )
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:

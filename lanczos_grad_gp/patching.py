@@ -49,6 +49,10 @@ def _lanczos_log_prob(self: MultivariateNormal, value: Tensor) -> Tensor:
         else:
             padded = (*(1 for _ in range(diff.dim() + 1 - covar.dim())), *covar.batch_shape)
             covar = covar.repeat(*(d // c for d, c in zip(diff.shape[:-1], padded, strict=True)), 1, 1)
+    if settings.fused_kernels.on():
+        from .stationary_kernels import fuse_stationary_kernel
+
+        covar = fuse_stationary_kernel(covar)
     covar = covar.evaluate_kernel()
     inv_quad, logdet = inv_quad_logdet(covar, inv_quad_rhs=diff.unsqueeze(-1), logdet=True)
     return -0.5 * (inv_quad + logdet + diff.size(-1) * math.log(2 * math.pi))

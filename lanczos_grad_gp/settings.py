@@ -31,6 +31,8 @@ __all__ = [
     "preconditioner_tol",
     "reorthogonalize",
     "check_every",
+    "fused_kernels",
+    "max_dense_kernel_size",
     "current_settings",
 ]
 
@@ -230,6 +232,28 @@ class check_every(_thread_local_value):
         return _positive_int(cls.__name__, value)
 
 
+class fused_kernels(_thread_local_flag):
+    """While ``use_lanczos_grad`` is on, evaluate ``RBFKernel`` / ``MaternKernel`` (ν = ½, 3/2, 5/2),
+    optionally inside a ``ScaleKernel``, as :class:`~lanczos_grad_gp.stationary_kernels.StationaryKernelLinearOperator`:
+    the kernel matrix is built without an autograd graph and its hyperparameter gradient is computed
+    in closed form by row blocks, instead of back-propagating an ``n × n`` gradient through
+    GPyTorch's kernel construction. Other kernels are unaffected. (Default: True)"""
+
+    _default = True
+
+
+class max_dense_kernel_size(_thread_local_value):
+    """Largest ``n`` for which a fused stationary kernel keeps its ``n × n`` matrix in memory for the
+    Lanczos products (8 n² bytes in float64: 3.2 GB at 20000); above it, row blocks are recomputed
+    at every product and memory stays ``O(n · (probes · m + block))``. (Default: 20000)"""
+
+    _default = 20000
+
+    @classmethod
+    def _validate(cls, value: Any) -> int:
+        return _positive_int(cls.__name__, value, allow_zero=True)
+
+
 def current_settings() -> dict[str, Any]:
     """The settings in force in this thread, by name."""
     return {
@@ -244,5 +268,7 @@ def current_settings() -> dict[str, Any]:
             preconditioner_tol,
             reorthogonalize,
             check_every,
+            fused_kernels,
+            max_dense_kernel_size,
         )
     }

@@ -18,6 +18,42 @@ import lanczos_grad_gp as lgg
 
 from .common import DEFAULT_DATA_DIR, REPO_ROOT, load_data, make_model
 
+#: (label, file suffix, function name) of the phases reported in the summary table
+PHASES = [
+    ("dense kernel matrix (fused: `unit_kernel_matrix`)", "stationary_kernels.py", "unit_kernel_matrix"),
+    ("GPyTorch kernel build (generic path: `evaluate_kernel`)", "lazy_evaluated_kernel_tensor.py", "evaluate_kernel"),
+    ("pivoted-Cholesky preconditioner", "preconditioner.py", "pivoted_cholesky_preconditioner"),
+    ("Lanczos loop (`lanczos_tridiag`)", "lanczos.py", "lanczos_tridiag"),
+    ("gradient factors (`gradient_factors`)", "quadrature.py", "gradient_factors"),
+    ("our backward (`_InvQuadLogdet.backward`)", "inv_quad_logdet.py", "backward"),
+    ("kernel derivative (`_bilinear_derivative`)", "", "_bilinear_derivative"),
+]
+
+
+def phase_table(prof: cProfile.Profile, forward_s: float, backward_s: float) -> str:
+    """Markdown table of the cumulative time of each phase, plus the backward share the issue asks for."""
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    rows, cum = [], {}
+    for label, file_suffix, name in PHASES:
+        # outermost entry only: recursive/nested calls of the same function are already in its cumtime
+        times = [v[3] for (f, _, fn), v in stats.items() if fn == name and f.endswith(file_suffix)]
+        cum[name] = max(times) if times else 0.0
+        rows.append(f"| {label} | {cum[name]:.3f} |")
+    lanczos = cum["lanczos_tridiag"]
+    bwd = cum["backward"] + cum["gradient_factors"]
+    share = f"{bwd / lanczos:.1%}" if lanczos else "–"
+    return "\n".join(
+        [
+            f"forward {forward_s:.3f} s, backward (autograd.grad) {backward_s:.3f} s",
+            "",
+            "| phase | cumulative s |",
+            "|---|---|",
+            *rows,
+            "",
+            f"backward incl. gradient factors / Lanczos loop = {bwd:.3f} / {lanczos:.3f} = {share}",
+        ]
+    )
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -25,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--noise", type=float, default=0.01)
     p.add_argument("--chunked", action="store_true")
+    p.add_argument("--generic", action="store_true", help="fused_kernels(False): GPyTorch's own kernel autograd")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "profile_ours.txt"))
     args = p.parse_args(argv)
     x, y = load_data(args.dataset, args.n, dtype=torch.float64, device="cpu", data_dir=DEFAULT_DATA_DIR)
@@ -32,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     mll_fn = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     params = [q for _, q in model.named_parameters()]
     prof = cProfile.Profile()
-    with lgg.settings.use_lanczos_grad(), lgg.record_calls() as calls:
+    fused = lgg.settings.fused_kernels(not args.generic)
+    with lgg.settings.use_lanczos_grad(), fused, lgg.record_calls() as calls:
         t0 = time.perf_counter()
         prof.enable()
         mll = mll_fn(model(x), y)
@@ -41,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         prof.disable()
         t2 = time.perf_counter()
     s = io.StringIO()
+    s.write(phase_table(prof, t1 - t0, t2 - t1) + "\n")
     s.write(
         f"{args.dataset} n={args.n} noise={args.noise}: forward {t1 - t0:.2f}s backward {t2 - t1:.2f}s; "
         f"iterations max {int(calls[-1].iterations.max())}, preconditioner rank {calls[-1].preconditioner_rank}, "

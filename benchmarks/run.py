@@ -48,14 +48,17 @@ from .common import (
 ORDER = [
     "cholesky",
     "ours",
+    "ours-generic",
     "ours-tight",
     "gpytorch",
     "gpytorch-tight",
     "backprop",
     "backprop-reorth",
     "adjoint",
+    "adjoint-fused",
     "ours-chunked",
 ]
+SLOW_METHODS = ("cholesky", "gpytorch-tight", "backprop", "backprop-reorth")
 QUICK = {"datasets": ["protein"], "n": [1000, 2000], "noise": [0.01], "repeats": 2}
 FULL = {
     "datasets": ["protein", "elevators", "kin40k", "pol"],
@@ -76,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--noise", nargs="+", type=float, default=None)
     p.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument(
+        "--slow-repeats",
+        type=int,
+        default=None,
+        help=f"repeats of the slow references {SLOW_METHODS} (default: --repeats)",
+    )
     p.add_argument("--max-dense-n", type=int, default=20000, help="skip n x n methods above this n")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
@@ -135,7 +144,7 @@ def run_config(args: argparse.Namespace, dataset: str, n: int, noise: float) -> 
     rows: list[dict] = []
     ref_mll, ref_grad, steps = None, None, None
     methods = [m for m in ORDER if m in args.methods]
-    if any(m in methods for m in ("backprop", "backprop-reorth", "adjoint")) and "ours" not in methods:
+    if any(m in methods for m in ("backprop", "backprop-reorth", "adjoint", "adjoint-fused")) and "ours" not in methods:
         methods.insert(0, "ours")  # the Lanczos baselines take ours' iteration count
     for method in methods:
         row = {"dataset": dataset, "n": n, "noise": noise, "method": method, "dtype": args.dtype, "device": args.device}
@@ -146,7 +155,8 @@ def run_config(args: argparse.Namespace, dataset: str, n: int, noise: float) -> 
         model = make_model(x, y, noise, chunked=method == "ours-chunked")
         times, result = [], None
         try:
-            for _ in range(args.repeats):
+            repeats = args.slow_repeats if method in SLOW_METHODS and args.slow_repeats else args.repeats
+            for _ in range(repeats):
                 dt, result = timed(
                     lambda model=model, method=method, steps=steps: mll_and_grad(model, method, steps), args.device
                 )
@@ -295,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"# MLL + gradient benchmark ({args.tag})\n\n"
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, dtype {args.dtype}, "
-        f"median of {args.repeats} repeats; total wall time {elapsed:.0f} s. "
+        f"median of {args.repeats} repeats ({args.slow_repeats or args.repeats} for {', '.join(SLOW_METHODS)}); "
+        f"total wall time {elapsed:.0f} s. "
         f"Memory: ru_maxrss delta of one fwd+bwd in a fresh subprocess (CPU); dense n x n = "
         f"{dense_bytes(max(args.n), _dtype(args.dtype)) / 2**20:.0f} MiB at n = {max(args.n)}.\n\n"
         + "\n".join(f"- `{m}`: {d}" for m, d in METHODS.items() if m in args.methods)

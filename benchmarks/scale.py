@@ -1,12 +1,15 @@
-"""Memory/scale benchmark: full-size exact-GP MLL + gradient with the row-chunked kernel operator.
+"""Memory/scale benchmark: full-size exact-GP MLL + gradient without an ``n x n`` matrix.
 
-Runs ``ours`` (forward-only Lanczos gradients) on :class:`lanczos_grad_gp.kernel_ops.ChunkedKernel`
-for the whole training set of a UCI data set (protein: 41,157 training rows of 45,730 after a
-90/10 split), so no ``n x n`` matrix is ever formed; records wall time, the peak RSS increase
-(``/proc/self/status`` VmHWM after a reset), the Lanczos diagnostics, and the ``n`` at which the
-dense methods stop fitting in memory from the measured ``peak ≈ c · n² · bytes`` constants::
+Runs ``ours`` (forward-only Lanczos gradients) on an unchanged ``ScaleKernel(RBFKernel(ard))``
+model for the whole training set of a UCI data set (protein: 41,157 training rows of 45,730 after
+a 90/10 split). Above ``lgg.settings.max_dense_kernel_size`` the fused kernel operator recomputes
+row blocks at every product and contracts the gradient by row blocks, so no ``n x n`` matrix is
+ever formed (``--chunked-kernel`` wraps the kernel in ``ChunkedKernel`` instead, same operator).
+Records wall time, the peak RSS increase (``/proc/self/status`` VmHWM after a reset), the Lanczos
+diagnostics, and the ``n`` at which the dense methods stop fitting in memory, from the peak memory
+*measured* by ``benchmarks.run`` (``--dense-results``, default ``results/protein10000.json``)::
 
-    python -m benchmarks.scale --dataset protein --dtype float64 --max-iter 20
+    python -m benchmarks.scale --dataset protein --dtype float64
     python -m benchmarks.scale --n 5000 --max-iter 10      # a quick check
 """
 
@@ -23,7 +26,6 @@ import gpytorch
 import torch
 
 import lanczos_grad_gp as lgg
-from lanczos_grad_gp.kernel_ops import default_chunk_size
 
 from .common import DEFAULT_DATA_DIR, REPO_ROOT, current_peak_rss_mb, make_model, reset_peak_rss
 from .common import load_data as _load_subset
@@ -35,9 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=None, help="rows to use (default: the 90%% training split of all rows)")
     p.add_argument("--noise", type=float, default=0.1)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("--max-iter", type=int, default=20, help="Lanczos steps cap (bounds the time)")
+    p.add_argument("--max-iter", type=int, default=100, help="Lanczos steps cap (the library default)")
     p.add_argument("--num-probes", type=int, default=10)
-    p.add_argument("--precond-rank", type=int, default=200)
+    p.add_argument("--precond-rank", type=int, default=500)
+    p.add_argument("--chunked-kernel", action="store_true", help="wrap the kernel in ChunkedKernel")
+    p.add_argument(
+        "--dense-results",
+        type=Path,
+        default=REPO_ROOT / "benchmarks" / "results" / "protein10000.json",
+        help="benchmarks.run JSON whose measured peak memory gives the dense methods' n x n multiples",
+    )
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--memory-budget-gb", type=float, default=24.0)
@@ -52,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         x, y = _load_subset(args.dataset, args.n, dtype=dtype, device="cpu", data_dir=args.data_dir)
     n = x.shape[0]
-    model = make_model(x, y, args.noise, chunked=True)
-    if args.chunk_size is not None:
+    model = make_model(x, y, args.noise, chunked=args.chunked_kernel)
+    if args.chunked_kernel and args.chunk_size is not None:
         model.covar_module.chunk_size = args.chunk_size
     mll_fn = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     params = [p for _, p in model.named_parameters()]
@@ -81,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "noise": args.noise,
         "threads": torch.get_num_threads(),
-        "chunk_size": args.chunk_size or default_chunk_size(n),
+        "model": "ChunkedKernel" if args.chunked_kernel else "unchanged ScaleKernel(RBFKernel(ard)) under the flag",
+        "max_dense_kernel_size": lgg.settings.max_dense_kernel_size.value(),
         "max_iter": args.max_iter,
         "num_probes": args.num_probes,
         "mll": float(mll),
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         "logdet_rel_residual_max": float(info.logdet_relative_residual.max()),
         "logdet_standard_error": float(info.logdet_standard_error),
         "converged": info.converged,
-        "dense_oom_n_estimates": oom_estimates(args.memory_budget_gb, bytes_),
+        "dense_oom_n_estimates": oom_estimates(args.memory_budget_gb, bytes_, args.dense_results),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"scale_{args.dataset}_{n}_{args.dtype}.json"
@@ -105,22 +115,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {path}")
 
 
-#: ASSUMED peak memory of one fwd+bwd of the dense methods in units of one n x n matrix (kernel,
-#: its autograd intermediates / factor / gradient buffer). Not yet fitted: replace with
-#: peak_rss_delta_mb / dense_nxn_mb from benchmarks.run results at n = 5000-10000.
-DENSE_MATRIX_MULTIPLES = {
-    "cholesky": 6.0,
-    "gpytorch": 4.0,
-    "ours (dense kernel)": 3.0,
-    "backprop": 5.0,
-    "adjoint": 3.0,
-}
+def oom_estimates(budget_gb: float, bytes_per_entry: float, results: Path) -> dict[str, dict[str, float]]:
+    """Largest ``n`` with ``c · n² · bytes ≤ budget`` per dense method, ``c`` MEASURED in ``results``.
 
-
-def oom_estimates(budget_gb: float, bytes_per_entry: float) -> dict[str, int]:
-    """Largest ``n`` with ``c · n² · bytes ≤ budget`` for each dense method (``c`` above)."""
+    ``c = peak_rss_delta_mb / (n² · bytes of that run)`` is each method's peak memory of one
+    forward+backward in units of one ``n x n`` matrix, from a ``benchmarks.run`` JSON; the worst
+    (largest) ``c`` over that file's configurations is used. Empty when the file is absent.
+    """
+    if not results.exists():
+        return {}
     budget = budget_gb * 2**30
-    return {m: int(math.sqrt(budget / (c * bytes_per_entry))) for m, c in DENSE_MATRIX_MULTIPLES.items()}
+    worst: dict[str, float] = {}
+    for row in json.loads(results.read_text()):
+        if "peak_rss_delta_mb" not in row or row["method"] == "ours-chunked":
+            continue
+        nxn_mb = row["n"] ** 2 * (8 if row["dtype"] == "float64" else 4) / 2**20
+        worst[row["method"]] = max(worst.get(row["method"], 0.0), row["peak_rss_delta_mb"] / nxn_mb)
+    return {
+        m: {"nxn_multiple": round(c, 2), "largest_n": int(math.sqrt(budget / (c * bytes_per_entry)))}
+        for m, c in sorted(worst.items(), key=lambda kv: kv[1])
+    }
 
 
 if __name__ == "__main__":

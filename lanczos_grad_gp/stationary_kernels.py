@@ -137,25 +137,66 @@ def _profile_(sq: Tensor, nu: float | None) -> Tensor:
     return t.addcmul_(t, t, value=1.0 / 3.0).add_(1).mul_(e)  # (1 + √5 r + 5r²/3) e^{-√5 r}
 
 
+class _UnitBlocks:
+    """Row blocks of ``g(r²(x1, x2; ℓ))`` filled in place into caller-owned buffers (no graph).
+
+    The inputs are scaled and centred once; each :meth:`fill` is one ``(b × D)(D × N)`` product
+    written into the buffer plus in-place elementwise work, so a reused buffer never page-faults.
+    """
+
+    def __init__(self, x1: Tensor, x2: Tensor, lengthscale: Tensor, nu: float | None) -> None:
+        u1, u2 = _scaled_centred(x1.detach(), x2.detach(), lengthscale.detach())
+        self.batch = torch.broadcast_shapes(u1.shape[:-2], u2.shape[:-2])
+        self.u1 = u1.expand(*self.batch, *u1.shape[-2:])  # (*batch, M, D)
+        self.u2t = u2.expand(*self.batch, *u2.shape[-2:]).mT  # (*batch, D, N)
+        self.n1sq = self.u1.square().sum(-1, keepdim=True)  # (*batch, M, 1)
+        self.n2sq = u2.square().sum(-1).unsqueeze(-2)  # (*batch, 1, N)
+        self.same = _same_inputs(x1, x2)
+        self.nu = nu
+        self.shape = (self.u1.shape[-2], self.u2t.shape[-1])
+
+    def fill(self, rows: slice, out: Tensor) -> Tensor:
+        """Write ``g(r²)`` of rows ``rows`` into ``out`` (``(*batch, len(rows), N)``) and return it."""
+        torch.matmul(self.u1[..., rows, :], self.u2t, out=out)
+        out.mul_(-2).add_(self.n1sq[..., rows, :]).add_(self.n2sq)
+        if self.same:
+            out.diagonal(offset=rows.start, dim1=-2, dim2=-1).fill_(0)
+        return _profile_(out.clamp_min_(0), self.nu)
+
+
 def unit_kernel_matrix(
     x1: Tensor, x2: Tensor, lengthscale: Tensor, nu: float | None, *, block_entries: int = _BUILD_BLOCK_ENTRIES
 ) -> Tensor:
     """Dense ``g(r²)`` ``(*batch, M, N)``: one allocation, filled in place row block by row block (no graph)."""
     with torch.no_grad():
-        u1, u2 = _scaled_centred(x1, x2, lengthscale)
-        n1sq, n2sq = u1.square().sum(-1, keepdim=True), u2.square().sum(-1).unsqueeze(-2)
-        batch = torch.broadcast_shapes(u1.shape[:-2], u2.shape[:-2])
-        u1, u2 = u1.expand(*batch, *u1.shape[-2:]), u2.expand(*batch, *u2.shape[-2:])
-        same = _same_inputs(x1, x2)
-        out = u1.new_empty(*batch, u1.shape[-2], u2.shape[-2])
-        for rows in _row_blocks(u1.shape[-2], u2.shape[-2], block_entries):
-            blk = out[..., rows, :]
-            torch.matmul(u1[..., rows, :], u2.mT, out=blk)
-            blk.mul_(-2).add_(n1sq[..., rows, :]).add_(n2sq)
-            if same:
-                blk.diagonal(offset=rows.start, dim1=-2, dim2=-1).fill_(0)
-            _profile_(blk.clamp_min_(0), nu)
+        blocks = _UnitBlocks(x1, x2, lengthscale, nu)
+        m, n = blocks.shape
+        out = blocks.u1.new_empty(*blocks.batch, m, n)
+        for rows in _row_blocks(m, n, block_entries):
+            if len(blocks.batch):  # a batched row slice is not contiguous: fill a temporary, copy
+                out[..., rows, :] = blocks.fill(rows, out.new_empty(*blocks.batch, rows.stop - rows.start, n))
+            else:
+                blocks.fill(rows, out[rows])
     return out
+
+
+def unit_kernel_matmul(
+    x1: Tensor,
+    x2: Tensor,
+    lengthscale: Tensor,
+    nu: float | None,
+    rhs: Tensor,
+    *,
+    block_entries: int = _BUILD_BLOCK_ENTRIES,
+) -> Tensor:
+    """``g(r²) @ rhs`` ``(*batch, M, k)`` by row blocks in one reused buffer: ``O(block)`` extra memory."""
+    with torch.no_grad():
+        blocks = _UnitBlocks(x1, x2, lengthscale, nu)
+        m, n = blocks.shape
+        slices = _row_blocks(m, n, block_entries)
+        buf = blocks.u1.new_empty(*blocks.batch, slices[0].stop - slices[0].start, n)
+        parts = [blocks.fill(rows, buf[..., : rows.stop - rows.start, :]) @ rhs for rows in slices]
+    return torch.cat(parts, dim=-2)
 
 
 def stationary_bilinear_derivative(
@@ -304,11 +345,13 @@ class StationaryKernelLinearOperator(ChunkedKernelLinearOperator):
         return not (torch.is_grad_enabled() and self.requires_grad)
 
     def _matmul(self, rhs: Tensor) -> Tensor:
-        """``K @ rhs``: one product with the dense ``g(r²)`` in dense mode, else row blocks."""
-        if self.dense and self._graph_free():
-            s = self.tensor_params["outputscale"][..., None, None]
+        """``K @ rhs``: one product with the dense ``g(r²)`` in dense mode, else row blocks in one buffer."""
+        if not self._graph_free():
+            return super()._matmul(rhs)
+        s = self.tensor_params["outputscale"][..., None, None]
+        if self.dense:
             return s * (self._unit_dense() @ rhs)
-        return super()._matmul(rhs)
+        return s * unit_kernel_matmul(self.x1, self.x2, self.tensor_params["lengthscale"], self.nu, rhs)
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         if self.dense and self._graph_free() and not batch_indices and not len(self.batch_shape):
@@ -345,9 +388,13 @@ class StationaryKernelLinearOperator(ChunkedKernelLinearOperator):
 
     def to_dense(self) -> Tensor:
         """The dense kernel (with an autograd graph when one is needed)."""
-        if self.dense and self._graph_free():
-            return self.tensor_params["outputscale"][..., None, None] * self._unit_dense()
-        return super().to_dense()
+        if not self._graph_free():
+            return super().to_dense()
+        if self.dense:
+            unit = self._unit_dense()
+        else:
+            unit = unit_kernel_matrix(self.x1, self.x2, self.tensor_params["lengthscale"], self.nu)
+        return self.tensor_params["outputscale"][..., None, None] * unit
 
     def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
         op = super()._expand_batch(batch_shape)

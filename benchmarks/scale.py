@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precond-rank", type=int, default=500)
     p.add_argument("--chunked-kernel", action="store_true", help="wrap the kernel in ChunkedKernel")
     p.add_argument(
+        "--max-dense-kernel-size",
+        type=int,
+        default=None,
+        help="lgg.settings.max_dense_kernel_size (default: the library's, 20000): raise it to keep the matrix dense",
+    )
+    p.add_argument(
         "--dense-results",
         type=Path,
         default=REPO_ROOT / "benchmarks" / "results" / "protein10000.json",
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         lgg.settings.max_lanczos_iter(args.max_iter),
         lgg.settings.num_probes(args.num_probes),
         lgg.settings.max_preconditioner_size(args.precond_rank),
+        lgg.settings.max_dense_kernel_size(args.max_dense_kernel_size or lgg.settings.max_dense_kernel_size.value()),
         lgg.record_calls() as calls,
     ):
         mll = mll_fn(model(x), y)
@@ -91,10 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         "noise": args.noise,
         "threads": torch.get_num_threads(),
         "model": "ChunkedKernel" if args.chunked_kernel else "unchanged ScaleKernel(RBFKernel(ard)) under the flag",
-        "max_dense_kernel_size": lgg.settings.max_dense_kernel_size.value(),
+        "max_dense_kernel_size": args.max_dense_kernel_size or lgg.settings.max_dense_kernel_size.value(),
+        "kernel_products": "dense"
+        if n <= (args.max_dense_kernel_size or lgg.settings.max_dense_kernel_size.value())
+        else "row blocks",
         "max_iter": args.max_iter,
         "num_probes": args.num_probes,
-        "mll": float(mll),
+        "mll": float(mll.detach()),
         "grad": torch.cat([g.reshape(-1) for g in grads]).tolist(),
         "forward_s": t_fwd,
         "total_s": total,
@@ -109,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         "dense_oom_n_estimates": oom_estimates(args.memory_budget_gb, bytes_, args.dense_results),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"scale_{args.dataset}_{n}_{args.dtype}.json"
+    suffix = "_dense" if result["kernel_products"] == "dense" else ""
+    path = args.out / f"scale_{args.dataset}_{n}_{args.dtype}{suffix}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "grad"}, indent=1))
     print(f"wrote {path}")

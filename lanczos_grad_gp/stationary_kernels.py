@@ -103,20 +103,6 @@ def _same_inputs(x1: Tensor, x2: Tensor) -> bool:
     return x1 is x2 or (x1.shape == x2.shape and bool(torch.equal(x1, x2)))
 
 
-def _sq_block(u1b: Tensor, u2: Tensor, n2sq: Tensor, diag_offset: int | None = None) -> Tensor:
-    """``r²`` of a row block: ``|u1b|² − 2 u1b u2ᵀ + |u2|²``, clamped at 0. ``(*batch, b, N)``.
-
-    ``diag_offset``: the block's first row when ``x1 = x2``; the entries ``(i, offset + i)`` are
-    set to exactly 0 (as GPyTorch's ``sq_dist`` does), not the expansion's rounding ``O(eps |u|²)``,
-    which Matérn-½ would turn into ``O(sqrt(eps))``.
-    """
-    sq = u1b @ u2.mT
-    sq.mul_(-2).add_(u1b.square().sum(-1, keepdim=True)).add_(n2sq.unsqueeze(-2))
-    if diag_offset is not None:
-        sq.diagonal(offset=diag_offset, dim1=-2, dim2=-1).fill_(0)
-    return sq.clamp_min_(0)
-
-
 def _row_blocks(m: int, n: int, max_entries: int) -> list[slice]:
     b = max(1, min(m, max_entries // max(n, 1)))
     return [slice(i, min(i + b, m)) for i in range(0, m, b)]
@@ -138,30 +124,45 @@ def _profile_(sq: Tensor, nu: float | None) -> Tensor:
 
 
 class _UnitBlocks:
-    """Row blocks of ``g(r²(x1, x2; ℓ))`` filled in place into caller-owned buffers (no graph).
+    """Row blocks of ``r²`` or ``g(r²)`` for fixed inputs, written in place into caller-owned buffers.
 
-    The inputs are scaled and centred once; each :meth:`fill` is one ``(b × D)(D × N)`` product
-    written into the buffer plus in-place elementwise work, so a reused buffer never page-faults.
+    The inputs are scaled and centred once and augmented so that ONE ``(b × (D+2))((D+2) × N)``
+    product gives the block directly (no graph, no temporaries, a reused buffer never page-faults):
+
+    * ``[-2u, |u|², 1] · [u', 1, |u'|²]ᵀ = |u|² − 2u·u' + |u'|² = r²``;
+    * for RBF ``[u, -|u|²/2, -1/2] · [u', 1, |u'|²]ᵀ = −r²/2``, so ``g`` is one ``exp_`` away.
     """
 
     def __init__(self, x1: Tensor, x2: Tensor, lengthscale: Tensor, nu: float | None) -> None:
         u1, u2 = _scaled_centred(x1.detach(), x2.detach(), lengthscale.detach())
         self.batch = torch.broadcast_shapes(u1.shape[:-2], u2.shape[:-2])
-        self.u1 = u1.expand(*self.batch, *u1.shape[-2:])  # (*batch, M, D)
-        self.u2t = u2.expand(*self.batch, *u2.shape[-2:]).mT  # (*batch, D, N)
-        self.n1sq = self.u1.square().sum(-1, keepdim=True)  # (*batch, M, 1)
-        self.n2sq = u2.square().sum(-1).unsqueeze(-2)  # (*batch, 1, N)
+        u1, u2 = u1.expand(*self.batch, *u1.shape[-2:]), u2.expand(*self.batch, *u2.shape[-2:])
+        n1sq, n2sq = u1.square().sum(-1, keepdim=True), u2.square().sum(-1, keepdim=True)
+        one1, one2 = torch.ones_like(n1sq), torch.ones_like(n2sq)
+        self.sq_left = torch.cat([-2 * u1, n1sq, one1], -1)  # (*batch, M, D+2)
+        self.half_left = torch.cat([u1, -0.5 * n1sq, -0.5 * one1], -1)  # (*batch, M, D+2)
+        self.right_t = torch.cat([u2, one2, n2sq], -1).mT  # (*batch, D+2, N)
         self.same = _same_inputs(x1, x2)
         self.nu = nu
-        self.shape = (self.u1.shape[-2], self.u2t.shape[-1])
+        self.shape = (u1.shape[-2], u2.shape[-2])
+
+    def _zero_diagonal(self, rows: slice, out: Tensor) -> None:
+        if self.same:  # exact 0 distance of a point to itself, not the expansion's rounding
+            out.diagonal(offset=rows.start, dim1=-2, dim2=-1).fill_(0)
+
+    def fill_sq(self, rows: slice, out: Tensor) -> Tensor:
+        """Write ``r²`` (clamped at 0) of rows ``rows`` into ``out`` (``(*batch, len(rows), N)``)."""
+        torch.matmul(self.sq_left[..., rows, :], self.right_t, out=out)
+        self._zero_diagonal(rows, out)
+        return out.clamp_min_(0)
 
     def fill(self, rows: slice, out: Tensor) -> Tensor:
         """Write ``g(r²)`` of rows ``rows`` into ``out`` (``(*batch, len(rows), N)``) and return it."""
-        torch.matmul(self.u1[..., rows, :], self.u2t, out=out)
-        out.mul_(-2).add_(self.n1sq[..., rows, :]).add_(self.n2sq)
-        if self.same:
-            out.diagonal(offset=rows.start, dim1=-2, dim2=-1).fill_(0)
-        return _profile_(out.clamp_min_(0), self.nu)
+        if self.nu is None:
+            torch.matmul(self.half_left[..., rows, :], self.right_t, out=out)  # −r²/2
+            self._zero_diagonal(rows, out)
+            return out.clamp_max_(0).exp_()
+        return _profile_(self.fill_sq(rows, out), self.nu)
 
 
 def unit_kernel_matrix(
@@ -171,7 +172,7 @@ def unit_kernel_matrix(
     with torch.no_grad():
         blocks = _UnitBlocks(x1, x2, lengthscale, nu)
         m, n = blocks.shape
-        out = blocks.u1.new_empty(*blocks.batch, m, n)
+        out = blocks.right_t.new_empty(*blocks.batch, m, n)
         for rows in _row_blocks(m, n, block_entries):
             if len(blocks.batch):  # a batched row slice is not contiguous: fill a temporary, copy
                 out[..., rows, :] = blocks.fill(rows, out.new_empty(*blocks.batch, rows.stop - rows.start, n))
@@ -194,7 +195,7 @@ def unit_kernel_matmul(
         blocks = _UnitBlocks(x1, x2, lengthscale, nu)
         m, n = blocks.shape
         slices = _row_blocks(m, n, block_entries)
-        buf = blocks.u1.new_empty(*blocks.batch, slices[0].stop - slices[0].start, n)
+        buf = blocks.right_t.new_empty(*blocks.batch, slices[0].stop - slices[0].start, n)
         parts = [blocks.fill(rows, buf[..., : rows.stop - rows.start, :]) @ rhs for rows in slices]
     return torch.cat(parts, dim=-2)
 
@@ -224,8 +225,8 @@ def stationary_bilinear_derivative(
         ``(∂x1, ∂x2, ∂ℓ, ∂s)`` reduced to the shapes of the inputs (``None`` where not needed).
     """
     with torch.no_grad():
+        blocks = _UnitBlocks(x1, x2, lengthscale, nu)
         u1, u2 = _scaled_centred(x1, x2, lengthscale)  # (*batch, M, D), (*batch, N, D)
-        n2sq = u2.square().sum(-1)  # (*batch, N)
         batch = torch.broadcast_shapes(u1.shape[:-2], u2.shape[:-2], left.shape[:-2])
         m, n, d = u1.shape[-2], u2.shape[-2], u1.shape[-1]
         s = outputscale[..., None, None]
@@ -235,18 +236,19 @@ def stationary_bilinear_derivative(
         gx1 = u1.new_zeros(*batch, m, d) if need[0] else None
         wt_u1 = u1.new_zeros(*batch, n, d) if need[1] else None
         want_w = need[0] or need[1] or need[2]
-        same = _same_inputs(x1, x2)
         rt = right.mT  # (*batch, k, N)
-        for rows in _row_blocks(m, n, block_entries):
+        slices = _row_blocks(m, n, block_entries)
+        buf = u1.new_empty(*blocks.batch, slices[0].stop - slices[0].start, n)  # reused every block
+        for rows in slices:
             u1b = u1[..., rows, :]  # (*batch, b, D)
-            sq = _sq_block(u1b, u2, n2sq, rows.start if same else None)
+            blk = buf[..., : rows.stop - rows.start, :]
             gram = left[..., rows, :] @ rt  # (*batch, b, N): rows of G = L R^T
             if nu is None:  # RBF: g' = -g/2, so W = -(G ∘ g)/2; the -1/2 is applied once at the end
-                w = gram.mul_(_profile_(sq, None))
+                w = gram.mul_(blocks.fill(rows, blk))
                 if grad_s is not None:
                     grad_s += w.sum((-2, -1))
             else:
-                g, dg = kernel_profile(sq, nu, derivative=want_w)
+                g, dg = kernel_profile(blocks.fill_sq(rows, blk), nu, derivative=want_w)
                 if grad_s is not None:
                     grad_s += (gram * g).sum((-2, -1))
                 w = gram.mul_(dg) if dg is not None else gram  # W_b = G_b ∘ g'(r²_b)

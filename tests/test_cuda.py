@@ -50,3 +50,29 @@ def test_gp_flag_on_cuda_matches_cpu() -> None:
         assert iq.device.type == device
         res[device] = torch.stack([iq, ld]).cpu()
     torch.testing.assert_close(res["cuda"], res["cpu"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_fused_kernel_model_on_cuda_matches_cpu(dense) -> None:
+    """The fused stationary kernel (dense matrix or row blocks) gives the CPU value and gradient on CUDA."""
+    import gpytorch
+
+    x = torch.rand(500, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.sin(6 * x).sum(-1)
+    out = {}
+    for device in ("cpu", "cuda"):
+        lik = gpytorch.likelihoods.GaussianLikelihood()
+        model = gpytorch.models.ExactGP(x.to(device), y.to(device), lik)
+        kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=3))
+        model.forward = lambda z, k=kernel: gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), k(z))
+        model.add_module("covar_module", kernel)
+        model = model.double().to(device)
+        model.train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+        size = 10**6 if dense else 10
+        with lgg.settings.use_lanczos_grad(), lgg.settings.max_dense_kernel_size(size):
+            value = mll(model(x.to(device)), y.to(device))
+            grads = torch.autograd.grad(value, list(model.parameters()))
+        assert value.device.type == device and all(g.device.type == device for g in grads)
+        out[device] = torch.cat([value.reshape(1), *(g.reshape(-1) for g in grads)]).cpu()
+    torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-6, atol=1e-8)

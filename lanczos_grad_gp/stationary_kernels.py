@@ -195,6 +195,8 @@ def unit_kernel_matmul(
         blocks = _UnitBlocks(x1, x2, lengthscale, nu)
         m, n = blocks.shape
         slices = _row_blocks(m, n, block_entries)
+        if not slices:  # no rows
+            return rhs.new_zeros(*torch.broadcast_shapes(blocks.batch, rhs.shape[:-2]), 0, rhs.shape[-1])
         buf = blocks.right_t.new_empty(*blocks.batch, slices[0].stop - slices[0].start, n)
         parts = [blocks.fill(rows, buf[..., : rows.stop - rows.start, :]) @ rhs for rows in slices]
     return torch.cat(parts, dim=-2)
@@ -238,7 +240,7 @@ def stationary_bilinear_derivative(
         want_w = need[0] or need[1] or need[2]
         rt = right.mT  # (*batch, k, N)
         slices = _row_blocks(m, n, block_entries)
-        buf = u1.new_empty(*blocks.batch, slices[0].stop - slices[0].start, n)  # reused every block
+        buf = u1.new_empty(*blocks.batch, (slices[0].stop - slices[0].start) if slices else 0, n)  # reused
         for rows in slices:
             u1b = u1[..., rows, :]  # (*batch, b, D)
             blk = buf[..., : rows.stop - rows.start, :]

@@ -315,14 +315,22 @@ def test_fused_float32_close_to_float64_cholesky():
     assert float((g - g_ref).norm() / g_ref.norm()) < 1e-2
 
 
-def test_botorch_single_task_gp_fused_matches_cholesky():
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_botorch_single_task_gp_fused_matches_cholesky(outputs):
+    """BoTorch's SingleTaskGP (RBF with priors; two outputs = a batch kernel over expanded inputs)."""
     botorch = pytest.importorskip("botorch")
     x, y = _data(60)
+    y = torch.stack([y, torch.cos(3 * x).sum(-1)], -1)[:, :outputs]
     out = {}
     for mode in ("cholesky", "fused"):
         torch.manual_seed(0)
-        model = botorch.models.SingleTaskGP(x, y.unsqueeze(-1))
-        out[mode] = _mll_grad(model, x, y, mode)
+        model = botorch.models.SingleTaskGP(x, y)
+        (train_x,) = model.train_inputs
+        assert isinstance(
+            fuse_stationary_kernel(model.likelihood(model(train_x)).lazy_covariance_matrix)._linear_op,
+            StationaryKernelLinearOperator,
+        )
+        out[mode] = _mll_grad(model, train_x, model.train_targets, mode)
     torch.testing.assert_close(out["fused"][0], out["cholesky"][0], rtol=1e-8, atol=1e-8)
     assert float((out["fused"][1] - out["cholesky"][1]).norm() / out["cholesky"][1].norm()) < 1e-6
 

@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    p.add_argument("--tag", default=None, help="file stem of the outputs (default 'train_quick' or 'train_full')")
     args = p.parse_args(argv)
     n = args.n or (1000 if args.quick else 5000)
     steps = args.steps or (10 if args.quick else 50)
-    tag = "train_quick" if args.quick else "train_full"
+    tag = args.tag or ("train_quick" if args.quick else "train_full")
     rows = []
     for ds in args.datasets:
         data = load_uci(args.data_dir / ds, n=n, seed=0, test_fraction=0.1, dtype=getattr(torch, args.dtype))

@@ -20,7 +20,7 @@ from .common import DEFAULT_DATA_DIR, REPO_ROOT, load_data, make_model
 
 #: (label, file suffix, function name) of the phases reported in the summary table
 PHASES = [
-    ("dense kernel matrix (fused: `unit_kernel_matrix`)", "stationary_kernels.py", "unit_kernel_matrix"),
+    ("dense kernel matrix (fused: `_fill_matrix`)", "stationary_kernels.py", "_fill_matrix"),
     ("GPyTorch kernel build (generic path: `evaluate_kernel`)", "lazy_evaluated_kernel_tensor.py", "evaluate_kernel"),
     ("pivoted-Cholesky preconditioner", "preconditioner.py", "pivoted_cholesky_preconditioner"),
     ("Lanczos loop (`lanczos_tridiag`)", "lanczos.py", "lanczos_tridiag"),

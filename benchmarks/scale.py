@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         x, y = _load_subset(args.dataset, args.n, dtype=dtype, device="cpu", data_dir=args.data_dir)
     n = x.shape[0]
+    dense_size = args.max_dense_kernel_size or lgg.settings.max_dense_kernel_size.value()
     model = make_model(x, y, args.noise, chunked=args.chunked_kernel)
     if args.chunked_kernel and args.chunk_size is not None:
         model.covar_module.chunk_size = args.chunk_size
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         lgg.settings.max_lanczos_iter(args.max_iter),
         lgg.settings.num_probes(args.num_probes),
         lgg.settings.max_preconditioner_size(args.precond_rank),
-        lgg.settings.max_dense_kernel_size(args.max_dense_kernel_size or lgg.settings.max_dense_kernel_size.value()),
+        lgg.settings.max_dense_kernel_size(dense_size),
         lgg.record_calls() as calls,
     ):
         mll = mll_fn(model(x), y)
@@ -98,10 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         "noise": args.noise,
         "threads": torch.get_num_threads(),
         "model": "ChunkedKernel" if args.chunked_kernel else "unchanged ScaleKernel(RBFKernel(ard)) under the flag",
-        "max_dense_kernel_size": args.max_dense_kernel_size or lgg.settings.max_dense_kernel_size.value(),
-        "kernel_products": "dense"
-        if n <= (args.max_dense_kernel_size or lgg.settings.max_dense_kernel_size.value())
-        else "row blocks",
+        "max_dense_kernel_size": dense_size,
+        "kernel_products": "dense" if n <= dense_size else "row blocks",
         "max_iter": args.max_iter,
         "num_probes": args.num_probes,
         "mll": float(mll.detach()),

@@ -108,10 +108,8 @@ def _row_blocks(m: int, n: int, max_entries: int) -> list[slice]:
     return [slice(i, min(i + b, m)) for i in range(0, m, b)]
 
 
-def _profile_(sq: Tensor, nu: float | None) -> Tensor:
-    """``g(r²)`` written over ``sq`` (in place; one temporary block for Matérn)."""
-    if nu is None:
-        return sq.mul_(-0.5).exp_()
+def _matern_profile_(sq: Tensor, nu: float) -> Tensor:
+    """Matérn ``g(r²)`` written over ``sq`` (in place; one temporary block). RBF: :meth:`_UnitBlocks.fill`."""
     t = sq.sqrt_()
     if nu == 0.5:
         return t.neg_().exp_()
@@ -137,6 +135,7 @@ class _UnitBlocks:
         u1, u2 = _scaled_centred(x1.detach(), x2.detach(), lengthscale.detach())
         self.batch = torch.broadcast_shapes(u1.shape[:-2], u2.shape[:-2])
         u1, u2 = u1.expand(*self.batch, *u1.shape[-2:]), u2.expand(*self.batch, *u2.shape[-2:])
+        self.u1, self.u2 = u1, u2  # (*batch, M, D), (*batch, N, D): scaled, centred
         n1sq, n2sq = u1.square().sum(-1, keepdim=True), u2.square().sum(-1, keepdim=True)
         one1, one2 = torch.ones_like(n1sq), torch.ones_like(n2sq)
         self.sq_left = torch.cat([-2 * u1, n1sq, one1], -1)  # (*batch, M, D+2)
@@ -162,44 +161,46 @@ class _UnitBlocks:
             torch.matmul(self.half_left[..., rows, :], self.right_t, out=out)  # −r²/2
             self._zero_diagonal(rows, out)
             return out.clamp_max_(0).exp_()
-        return _profile_(self.fill_sq(rows, out), self.nu)
+        return _matern_profile_(self.fill_sq(rows, out), self.nu)
 
 
-def unit_kernel_matrix(
-    x1: Tensor, x2: Tensor, lengthscale: Tensor, nu: float | None, *, block_entries: int = _BUILD_BLOCK_ENTRIES
-) -> Tensor:
-    """Dense ``g(r²)`` ``(*batch, M, N)``: one allocation, filled in place row block by row block (no graph)."""
-    with torch.no_grad():
-        blocks = _UnitBlocks(x1, x2, lengthscale, nu)
-        m, n = blocks.shape
-        out = blocks.right_t.new_empty(*blocks.batch, m, n)
-        for rows in _row_blocks(m, n, block_entries):
-            if len(blocks.batch):  # a batched row slice is not contiguous: fill a temporary, copy
-                out[..., rows, :] = blocks.fill(rows, out.new_empty(*blocks.batch, rows.stop - rows.start, n))
-            else:
-                blocks.fill(rows, out[rows])
+def _fill_matrix(blocks: _UnitBlocks, block_entries: int | None = None) -> Tensor:
+    """Dense ``g(r²)`` ``(*batch, M, N)`` of ``blocks``: one allocation, filled in place block by block."""
+    m, n = blocks.shape
+    out = blocks.right_t.new_empty(*blocks.batch, m, n)
+    for rows in _row_blocks(m, n, block_entries or _BUILD_BLOCK_ENTRIES):
+        if len(blocks.batch):  # a batched row slice is not contiguous: fill a temporary, copy
+            out[..., rows, :] = blocks.fill(rows, out.new_empty(*blocks.batch, rows.stop - rows.start, n))
+        else:
+            blocks.fill(rows, out[rows])
     return out
 
 
+def _blocks_matmul(blocks: _UnitBlocks, rhs: Tensor, block_entries: int | None = None) -> Tensor:
+    """``g(r²) @ rhs`` ``(*batch, M, k)`` of ``blocks``, row block by row block in one reused buffer."""
+    m, n = blocks.shape
+    slices = _row_blocks(m, n, block_entries or _BUILD_BLOCK_ENTRIES)
+    if not slices:  # no rows
+        return rhs.new_zeros(*torch.broadcast_shapes(blocks.batch, rhs.shape[:-2]), 0, rhs.shape[-1])
+    buf = blocks.right_t.new_empty(*blocks.batch, slices[0].stop - slices[0].start, n)
+    parts = [blocks.fill(rows, buf[..., : rows.stop - rows.start, :]) @ rhs for rows in slices]
+    return torch.cat(parts, dim=-2)
+
+
+def unit_kernel_matrix(
+    x1: Tensor, x2: Tensor, lengthscale: Tensor, nu: float | None, *, block_entries: int | None = None
+) -> Tensor:
+    """Dense ``g(r²)`` ``(*batch, M, N)``: one allocation, filled in place row block by row block (no graph)."""
+    with torch.no_grad():
+        return _fill_matrix(_UnitBlocks(x1, x2, lengthscale, nu), block_entries)
+
+
 def unit_kernel_matmul(
-    x1: Tensor,
-    x2: Tensor,
-    lengthscale: Tensor,
-    nu: float | None,
-    rhs: Tensor,
-    *,
-    block_entries: int = _BUILD_BLOCK_ENTRIES,
+    x1: Tensor, x2: Tensor, lengthscale: Tensor, nu: float | None, rhs: Tensor, *, block_entries: int | None = None
 ) -> Tensor:
     """``g(r²) @ rhs`` ``(*batch, M, k)`` by row blocks in one reused buffer: ``O(block)`` extra memory."""
     with torch.no_grad():
-        blocks = _UnitBlocks(x1, x2, lengthscale, nu)
-        m, n = blocks.shape
-        slices = _row_blocks(m, n, block_entries)
-        if not slices:  # no rows
-            return rhs.new_zeros(*torch.broadcast_shapes(blocks.batch, rhs.shape[:-2]), 0, rhs.shape[-1])
-        buf = blocks.right_t.new_empty(*blocks.batch, slices[0].stop - slices[0].start, n)
-        parts = [blocks.fill(rows, buf[..., : rows.stop - rows.start, :]) @ rhs for rows in slices]
-    return torch.cat(parts, dim=-2)
+        return _blocks_matmul(_UnitBlocks(x1, x2, lengthscale, nu), rhs, block_entries)
 
 
 def stationary_bilinear_derivative(
@@ -228,7 +229,7 @@ def stationary_bilinear_derivative(
     """
     with torch.no_grad():
         blocks = _UnitBlocks(x1, x2, lengthscale, nu)
-        u1, u2 = _scaled_centred(x1, x2, lengthscale)  # (*batch, M, D), (*batch, N, D)
+        u1, u2 = blocks.u1, blocks.u2  # (*batch, M, D), (*batch, N, D)
         batch = torch.broadcast_shapes(u1.shape[:-2], u2.shape[:-2], left.shape[:-2])
         m, n, d = u1.shape[-2], u2.shape[-2], u1.shape[-1]
         s = outputscale[..., None, None]
@@ -331,12 +332,19 @@ class StationaryKernelLinearOperator(ChunkedKernelLinearOperator):
         self._nondifferentiable_kwargs.pop("covar_func", None)
         self._nondifferentiable_kwargs.pop("num_nonbatch_dimensions", None)
         self._nondifferentiable_kwargs.pop("num_outputs_per_input", None)
-        # shared with detach()ed copies (same inputs, same matrix): built at most once
-        self._cache: dict[str, Tensor] = {}
+        # shared with detach()ed copies (same inputs): the scaled inputs and the dense matrix, built at most once
+        self._cache: dict[str, Any] = {}
+
+    def _unit_blocks(self) -> _UnitBlocks:
+        if "blocks" not in self._cache:
+            with torch.no_grad():
+                self._cache["blocks"] = _UnitBlocks(self.x1, self.x2, self.tensor_params["lengthscale"], self.nu)
+        return self._cache["blocks"]
 
     def _unit_dense(self) -> Tensor:
         if "unit" not in self._cache:
-            self._cache["unit"] = unit_kernel_matrix(self.x1, self.x2, self.tensor_params["lengthscale"], self.nu)
+            with torch.no_grad():
+                self._cache["unit"] = _fill_matrix(self._unit_blocks())
         return self._cache["unit"]
 
     def detach(self) -> StationaryKernelLinearOperator:
@@ -355,7 +363,8 @@ class StationaryKernelLinearOperator(ChunkedKernelLinearOperator):
         s = self.tensor_params["outputscale"][..., None, None]
         if self.dense:
             return s * (self._unit_dense() @ rhs)
-        return s * unit_kernel_matmul(self.x1, self.x2, self.tensor_params["lengthscale"], self.nu, rhs)
+        with torch.no_grad():
+            return s * _blocks_matmul(self._unit_blocks(), rhs)
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         if self.dense and self._graph_free() and not batch_indices and not len(self.batch_shape):
@@ -397,7 +406,8 @@ class StationaryKernelLinearOperator(ChunkedKernelLinearOperator):
         if self.dense:
             unit = self._unit_dense()
         else:
-            unit = unit_kernel_matrix(self.x1, self.x2, self.tensor_params["lengthscale"], self.nu)
+            with torch.no_grad():
+                unit = _fill_matrix(self._unit_blocks())
         return self.tensor_params["outputscale"][..., None, None] * unit
 
     def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:

@@ -113,3 +113,27 @@ def rbf_kernel(x: torch.Tensor, lengthscale: torch.Tensor, noise: float) -> torc
 def rel_err(x, ref) -> float:
     x, ref = torch.as_tensor(x).detach().to(torch.float64), torch.as_tensor(ref).detach().to(torch.float64)
     return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
+
+
+class LinearOperatorDefaults:
+    """Mixin for linear_operator's ``LinearOperatorTestCase``: run it under linear_operator's defaults.
+
+    The suite assumes them; importing BoTorch (other test modules do) turns fast computations
+    off and raises ``max_cholesky_size`` process-wide.
+    """
+
+    def setUp(self) -> None:
+        import linear_operator
+
+        self._contexts = [
+            linear_operator.settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True),
+            linear_operator.settings.max_cholesky_size(800),
+        ]
+        for ctx in self._contexts:
+            ctx.__enter__()
+        super().setUp()
+
+    def tearDown(self) -> None:
+        super().tearDown()
+        for ctx in reversed(self._contexts):
+            ctx.__exit__(None, None, None)

@@ -57,18 +57,17 @@ def test_fused_kernel_model_on_cuda_matches_cpu(dense) -> None:
     """The fused stationary kernel (dense matrix or row blocks) gives the CPU value and gradient on CUDA."""
     import gpytorch
 
+    from lanczos_grad_gp.training import make_model
+
     x = torch.rand(500, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     y = torch.sin(6 * x).sum(-1)
     out = {}
     for device in ("cpu", "cuda"):
-        lik = gpytorch.likelihoods.GaussianLikelihood()
-        model = gpytorch.models.ExactGP(x.to(device), y.to(device), lik)
-        kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=3))
-        model.forward = lambda z, k=kernel: gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), k(z))
-        model.add_module("covar_module", kernel)
-        model = model.double().to(device)
+        model = make_model(x.to(device), y.to(device))
+        model.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=3))
+        model = model.to(device=device, dtype=torch.float64)
         model.train()
-        mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
         size = 10**6 if dense else 10
         with lgg.settings.use_lanczos_grad(), lgg.settings.max_dense_kernel_size(size):
             value = mll(model(x.to(device)), y.to(device))

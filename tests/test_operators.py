@@ -11,37 +11,21 @@ from __future__ import annotations
 
 import unittest
 
-import linear_operator
 import pytest
 import torch
+from conftest import LinearOperatorDefaults
 from linear_operator.operators import AddedDiagLinearOperator, DenseLinearOperator, DiagLinearOperator
 from linear_operator.test.linear_operator_test_case import LinearOperatorTestCase
 
 import lanczos_grad_gp as lgg
 
 
-class TestLanczosGradLinearOperator(LinearOperatorTestCase, unittest.TestCase):
+class TestLanczosGradLinearOperator(LinearOperatorDefaults, LinearOperatorTestCase, unittest.TestCase):
     seed = 0
     should_test_sample = True
     should_call_cg = True  # solves are the base's (CG); inv_quad_logdet is ours (checked below)
     should_call_lanczos = True
     should_call_lanczos_diagonalization = True
-
-    def setUp(self) -> None:
-        # The suite assumes linear_operator's default settings; importing BoTorch (other test
-        # modules do) turns fast computations off and raises max_cholesky_size process-wide.
-        self._contexts = [
-            linear_operator.settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True),
-            linear_operator.settings.max_cholesky_size(800),
-        ]
-        for ctx in self._contexts:
-            ctx.__enter__()
-        super().setUp()
-
-    def tearDown(self) -> None:
-        super().tearDown()
-        for ctx in reversed(self._contexts):
-            ctx.__exit__(None, None, None)
 
     def create_linear_op(self) -> lgg.LanczosGradLinearOperator:
         x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import unittest
 
 import gpytorch
-import linear_operator
 import pytest
 import torch
+from conftest import LinearOperatorDefaults
 from linear_operator.test.linear_operator_test_case import LinearOperatorTestCase
 
 import lanczos_grad_gp as lgg
@@ -114,9 +114,7 @@ def test_unit_matmul_and_matrix_batched(nu, dense, block_entries, monkeypatch):
     """Batched operators, row blocks that do not divide n (a partial last block in the reused buffer)."""
     import lanczos_grad_gp.stationary_kernels as sk
 
-    monkeypatch.setattr(sk, "_BUILD_BLOCK_ENTRIES", block_entries)
-    monkeypatch.setattr(sk.unit_kernel_matrix, "__kwdefaults__", {"block_entries": block_entries})
-    monkeypatch.setattr(sk.unit_kernel_matmul, "__kwdefaults__", {"block_entries": block_entries})
+    monkeypatch.setattr(sk, "_BUILD_BLOCK_ENTRIES", block_entries)  # read at call time
     op, x, ls, s = _operator(nu, n=30, dense=dense, batch=(2,))
     ref = _dense_oracle(x, x, ls, s, nu).detach()
     R = torch.randn(2, 30, 3, dtype=torch.float64)
@@ -164,26 +162,11 @@ def test_operator_rejects_bad_nu():
         StationaryKernelLinearOperator(x, x, lengthscale=torch.ones(1, 2), outputscale=torch.ones(()), nu=3.5)
 
 
-class TestStationaryKernelLinearOperator(LinearOperatorTestCase, unittest.TestCase):
+class TestStationaryKernelLinearOperator(LinearOperatorDefaults, LinearOperatorTestCase, unittest.TestCase):
     """linear_operator's own operator suite (float32, as it assumes); its derivative checks run our closed form."""
 
     seed = 0
     should_test_sample = False
-
-    def setUp(self) -> None:
-        # the suite assumes linear_operator's defaults; importing BoTorch (other modules do) changes them
-        self._contexts = [
-            linear_operator.settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True),
-            linear_operator.settings.max_cholesky_size(800),
-        ]
-        for ctx in self._contexts:
-            ctx.__enter__()
-        super().setUp()
-
-    def tearDown(self) -> None:
-        super().tearDown()
-        for ctx in reversed(self._contexts):
-            ctx.__exit__(None, None, None)
 
     def create_linear_op(self):
         # a jittered, centred 4 x 3 grid: well conditioned (cond ≈ 4) and |x / ℓ| ≤ 4, so float32
@@ -386,7 +369,7 @@ def test_fused_kernels_flag_off_keeps_gpytorch_kernel(monkeypatch):
     import lanczos_grad_gp.stationary_kernels as sk
 
     calls = []
-    monkeypatch.setattr(sk, "unit_kernel_matrix", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(sk, "_UnitBlocks", lambda *a, **k: calls.append(1))
     x, y = _data(40)
     model = _GP(x, y, _scaled(gpytorch.kernels.RBFKernel())).double()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)

@@ -1,7 +1,7 @@
 r"""Baselines that differentiate *through* Lanczos, for comparison with the forward-only gradient.
 
 Both compute the same stochastic-Lanczos-quadrature estimate of the exact-GP terms as
-:func:`lanczos_grad_gp.inv_quad_logdet` — same Rademacher probes, same split pivoted-Cholesky
+:func:`lanczos_grad_gp.functions.inv_quad_logdet` — same Rademacher probes, same split pivoted-Cholesky
 preconditioner ``P = C C^T``, a fixed number ``m`` of Lanczos steps on ``B = C^{-1} K C^{-T}`` —
 
 .. math::
@@ -37,9 +37,9 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from lanczos_grad_gp import lanczos_tridiag
-from lanczos_grad_gp.inv_quad_logdet import _probes
-from lanczos_grad_gp.matfuncs import BUILTIN_FUNCTIONS, MatrixFunction
-from lanczos_grad_gp.preconditioner import SplitPreconditioner, pivoted_cholesky_preconditioner
+from lanczos_grad_gp.core.matfuncs import BUILTIN_FUNCTIONS, MatrixFunction
+from lanczos_grad_gp.core.preconditioners import SplitPreconditioner, pivoted_cholesky_preconditioner
+from lanczos_grad_gp.core.probes import gp_probes
 
 __all__ = [
     "SLQSetup",
@@ -128,11 +128,11 @@ class SLQSetup:
 def make_setup(
     A: LinearOperator, rhs: Tensor, *, num_probes: int, probe_seed: int, max_rank: int, precond_tol: float
 ) -> SLQSetup:
-    """Probes and preconditioner exactly as :func:`lanczos_grad_gp.inv_quad_logdet` draws/builds them."""
+    """Probes and preconditioner exactly as :func:`lanczos_grad_gp.functions.inv_quad_logdet` draws/builds them."""
     with torch.no_grad():
         precond = pivoted_cholesky_preconditioner(A, max_rank, precond_tol)
         r = rhs.detach().reshape(-1, 1)
-        z = _probes(torch.Size(), A.shape[-1], num_probes, probe_seed, A.dtype, A.device)
+        z = gp_probes(torch.Size(), A.shape[-1], num_probes, seed=probe_seed, dtype=A.dtype, device=A.device)
         start = torch.cat([precond.inv_root(r), z], -1)
     return SLQSetup(precond, start, 1, num_probes)
 

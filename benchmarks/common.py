@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 import lanczos_grad_gp as lgg
-from lanczos_grad_gp.datasets import load_uci
-from lanczos_grad_gp.kernel_ops import ChunkedKernel
-from lanczos_grad_gp.stationary_kernels import fuse_stationary_kernel
+from lanczos_grad_gp.app.datasets import load_uci
+from lanczos_grad_gp.kernels import ChunkedKernel, fuse_stationary_kernel
 
 from . import baselines
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.n is None:
-        from lanczos_grad_gp.datasets import load_uci
+        from lanczos_grad_gp.app.datasets import load_uci
 
         data = load_uci(args.data_dir / args.dataset, seed=0, test_fraction=0.1)
         x, y = data.train_x.to(dtype), data.train_y.to(dtype)

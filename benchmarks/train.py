@@ -1,6 +1,6 @@
 """Training benchmark: Adam on the exact-GP MLL with each back end, then test RMSE / NLL and wall time.
 
-Reuses :func:`lanczos_grad_gp.training.fit_and_evaluate` (ConstantMean + ScaleKernel(RBF-ARD),
+Reuses :func:`lanczos_grad_gp.app.training.fit_and_evaluate` (ConstantMean + ScaleKernel(RBF-ARD),
 GaussianLikelihood, the same initial hyperparameters for every method; predictions by Cholesky)::
 
     python -m benchmarks.train --quick          # n = 1000 per data set, 10 steps
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from lanczos_grad_gp.datasets import load_uci
-from lanczos_grad_gp.training import fit_and_evaluate
+from lanczos_grad_gp.app.datasets import load_uci
+from lanczos_grad_gp.app.training import fit_and_evaluate
 
 from .common import DEFAULT_DATA_DIR, REPO_ROOT
 

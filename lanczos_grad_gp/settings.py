@@ -33,6 +33,7 @@ __all__ = [
     "check_every",
     "fused_kernels",
     "max_dense_kernel_size",
+    "preconditioner_override",
     "current_settings",
 ]
 
@@ -195,7 +196,7 @@ class max_preconditioner_size(_thread_local_value):
     """Maximal rank of the pivoted-Cholesky preconditioner (0 turns preconditioning off).
 
     A rank-k factor costs about ``n k²`` flops (a few Lanczos steps at k = 500, n = 10⁴) and cuts
-    the iterations sharply at small noise (DESIGN §3). (Default: 500)"""
+    the iterations sharply at small noise (docs/mathematics.md, "The GP marginal likelihood"). (Default: 500)"""
 
     _default = 500
 
@@ -254,6 +255,21 @@ class max_dense_kernel_size(_thread_local_value):
         return _positive_int(cls.__name__, value, allow_zero=True)
 
 
+class preconditioner_override(_thread_local_value):
+    """A function ``(A, max_rank, trace_tol) -> Preconditioner | None`` that chooses the GP routine's
+    preconditioner (the counterpart of linear_operator's ``preconditioner_override``); ``None`` from
+    it, or no override, keeps the default pivoted-Cholesky choice. See
+    :mod:`lanczos_grad_gp.core.preconditioners` for the protocol. (Default: None)"""
+
+    _default = None
+
+    @classmethod
+    def _validate(cls, value: Any) -> Any:
+        if value is not None and not callable(value):
+            raise ValueError(f"preconditioner_override must be a callable or None; got {value!r}.")
+        return value
+
+
 def current_settings() -> dict[str, Any]:
     """The settings in force in this thread, by name."""
     return {
@@ -270,5 +286,6 @@ def current_settings() -> dict[str, Any]:
             check_every,
             fused_kernels,
             max_dense_kernel_size,
+            preconditioner_override,
         )
     }

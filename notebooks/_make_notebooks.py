@@ -70,7 +70,7 @@ its gradient with exact Cholesky.""",
         """\
 import gpytorch
 
-from lanczos_grad_gp.datasets import load_default
+from lanczos_grad_gp.app.datasets import load_default
 
 data = load_default(n=300 if SMOKE else None)
 print(f"{data.name}: {data.num_train} training points, {data.dim} inputs")
@@ -199,8 +199,8 @@ each method finds. On a CPU only the *ratios* of the times mean anything.""",
     (
         "code",
         """\
-from lanczos_grad_gp.datasets import load_default, load_uci, shared_data_dir
-from lanczos_grad_gp.training import evaluate, fit_and_evaluate
+from lanczos_grad_gp.app.datasets import load_default, load_uci, shared_data_dir
+from lanczos_grad_gp.app.training import evaluate, fit_and_evaluate
 
 N = 400 if SMOKE else 5000
 STEPS = 4 if SMOKE else 60
@@ -367,7 +367,7 @@ with $K = U \Lambda U^\top$ and $F$ the divided differences of $f$ at the eigenv
     (
         "code",
         """\
-from lanczos_grad_gp.datasets import load_default
+from lanczos_grad_gp.app.datasets import load_default
 
 N = 150 if SMOKE else 600
 NOISE = 1e-2
@@ -503,7 +503,7 @@ inputs.""",
 import gpytorch
 
 import lanczos_grad_gp.eigen  # makes lgg.eigen available whatever the package exports
-from lanczos_grad_gp.datasets import load_default
+from lanczos_grad_gp.app.datasets import load_default
 
 N = 300 if SMOKE else 1030
 K_TOP = 5 if SMOKE else 10

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lanczos_grad_gp.cli import format_table, main, parse_methods
-from lanczos_grad_gp.datasets import load_default
-from lanczos_grad_gp.training import METHODS, RunResult, fit_and_evaluate, method_context
+from lanczos_grad_gp.app.cli import format_table, main, parse_methods
+from lanczos_grad_gp.app.datasets import load_default
+from lanczos_grad_gp.app.training import METHODS, RunResult, fit_and_evaluate, method_context
 
 TINY = ["--n", "120", "--steps", "3", "--no-progress"]
 

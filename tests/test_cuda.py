@@ -57,7 +57,7 @@ def test_fused_kernel_model_on_cuda_matches_cpu(dense) -> None:
     """The fused stationary kernel (dense matrix or row blocks) gives the CPU value and gradient on CUDA."""
     import gpytorch
 
-    from lanczos_grad_gp.training import make_model
+    from lanczos_grad_gp.app.training import make_model
 
     x = torch.rand(500, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     y = torch.sin(6 * x).sum(-1)

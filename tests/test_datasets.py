@@ -1,4 +1,4 @@
-"""Tests of lanczos_grad_gp.datasets: reading, shuffling, splitting, z-scoring, seeding."""
+"""Tests of lanczos_grad_gp.app.datasets: reading, shuffling, splitting, z-scoring, seeding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lanczos_grad_gp.datasets import (
+from lanczos_grad_gp.app.datasets import (
     Dataset,
     available_datasets,
     bundled_data_path,

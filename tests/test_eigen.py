@@ -15,6 +15,7 @@ import pytest
 import torch
 from linear_operator import to_linear_operator
 
+from lanczos_grad_gp.core.lanczos import lanczos_tridiag
 from lanczos_grad_gp.eigen import (
     EigenResult,
     condition_number,
@@ -24,7 +25,6 @@ from lanczos_grad_gp.eigen import (
     spectral_density,
     trace,
 )
-from lanczos_grad_gp.lanczos import lanczos_tridiag
 
 DTYPES = (torch.float32, torch.float64)
 WHICH = ("LM", "LA", "SA")

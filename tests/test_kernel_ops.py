@@ -8,7 +8,7 @@ import torch
 from linear_operator.operators import AddedDiagLinearOperator, DenseLinearOperator, DiagLinearOperator
 
 import lanczos_grad_gp as lgg
-from lanczos_grad_gp.kernel_ops import ChunkedKernel, ChunkedKernelLinearOperator, matern_covar, rbf_covar
+from lanczos_grad_gp.kernels import ChunkedKernel, ChunkedKernelLinearOperator, matern_covar, rbf_covar
 
 
 def _op(n=60, d=3, chunk=7, covar=rbf_covar, seed=0, dtype=torch.float64):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator
 
-from lanczos_grad_gp.pivoted_cholesky import pivoted_cholesky
+from lanczos_grad_gp.core.preconditioners.pivoted_cholesky import pivoted_cholesky
 
 
 def kernel(n: int, batch: tuple[int, ...] = (), seed: int = 0) -> torch.Tensor:

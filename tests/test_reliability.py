@@ -27,7 +27,7 @@ from linear_operator.utils.errors import NotPSDError
 from linear_operator.utils.warnings import NumericalWarning
 
 import lanczos_grad_gp as lgg
-from lanczos_grad_gp.training import ExactGPModel
+from lanczos_grad_gp.app.training import ExactGPModel
 
 F64 = torch.float64
 

@@ -21,7 +21,7 @@ import torch
 
 import lanczos_grad_gp as lgg
 from lanczos_grad_gp import settings as S
-from lanczos_grad_gp.training import ExactGPModel
+from lanczos_grad_gp.app.training import ExactGPModel
 
 VALUE_SETTINGS = [
     S.max_lanczos_iter,

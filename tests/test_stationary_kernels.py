@@ -11,12 +11,12 @@ from conftest import LinearOperatorDefaults
 from linear_operator.test.linear_operator_test_case import LinearOperatorTestCase
 
 import lanczos_grad_gp as lgg
-from lanczos_grad_gp.stationary_kernels import (
+from lanczos_grad_gp.kernels import (
     StationaryKernelLinearOperator,
     fuse_stationary_kernel,
     stationary_bilinear_derivative,
-    unit_kernel_matrix,
 )
+from lanczos_grad_gp.kernels.blocks import unit_kernel_matrix
 
 NUS = [None, 0.5, 1.5, 2.5]
 
@@ -112,9 +112,9 @@ def _operator(nu=None, n=30, dense=None, batch=(), seed=1):
 @pytest.mark.parametrize("block_entries", [64, 10**6])
 def test_unit_matmul_and_matrix_batched(nu, dense, block_entries, monkeypatch):
     """Batched operators, row blocks that do not divide n (a partial last block in the reused buffer)."""
-    import lanczos_grad_gp.stationary_kernels as sk
+    import lanczos_grad_gp.kernels.blocks as blocks
 
-    monkeypatch.setattr(sk, "_BUILD_BLOCK_ENTRIES", block_entries)  # read at call time
+    monkeypatch.setattr(blocks, "BUILD_BLOCK_ENTRIES", block_entries)  # read at call time
     op, x, ls, s = _operator(nu, n=30, dense=dense, batch=(2,))
     ref = _dense_oracle(x, x, ls, s, nu).detach()
     R = torch.randn(2, 30, 3, dtype=torch.float64)
@@ -294,7 +294,8 @@ def test_fused_float32_close_to_float64_cholesky():
     with lgg.settings.use_lanczos_grad(), lgg.settings.num_probes(200):
         mll(model(x.float()), y.float()).backward()
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
-    # float32 default tol 1e-3: the gradient error is about twice the residual (DESIGN §2)
+    # float32 default tol 1e-3: the gradient error is about twice the residual
+    # (docs/mathematics.md, "Error estimates and diagnostics")
     assert float((g - g_ref).norm() / g_ref.norm()) < 1e-2
 
 
@@ -366,10 +367,12 @@ def test_supported_kernel_is_fused_with_noise_kept():
 
 
 def test_fused_kernels_flag_off_keeps_gpytorch_kernel(monkeypatch):
-    import lanczos_grad_gp.stationary_kernels as sk
+    import lanczos_grad_gp.kernels.derivative as derivative
+    import lanczos_grad_gp.kernels.stationary as stationary
 
     calls = []
-    monkeypatch.setattr(sk, "_UnitBlocks", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(stationary, "UnitBlocks", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(derivative, "UnitBlocks", lambda *a, **k: calls.append(1))
     x, y = _data(40)
     model = _GP(x, y, _scaled(gpytorch.kernels.RBFKernel())).double()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)

@@ -26,8 +26,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..lanczos import lanczos_tridiag
-from ..quadrature import ritz_decomposition
+from ..core.lanczos import lanczos_tridiag
+from ..core.quadrature import ritz_decomposition
 from .inputs import prepare_operator, rademacher, resolve_generator
 from .result import SpectralDensity
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..lanczos import LanczosResult, lanczos_tridiag
-from ..quadrature import ritz_decomposition
+from ..core.lanczos import LanczosResult, lanczos_tridiag
+from ..core.quadrature import ritz_decomposition
 from .inputs import check_tol, prepare_operator, randn, resolve_generator
 from .result import ConditionNumber, ExtremeEigenvalues
 

@@ -17,6 +17,9 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
+from .._compat import bilinear_derivative
+from ..functions.validation import first_order_only
+
 __all__ = ["differentiable_eigenvalues"]
 
 
@@ -30,11 +33,12 @@ class _Eigenvalues(torch.autograd.Function):
         return values.clone()
 
     @staticmethod
+    @first_order_only  # double backward raises a clear RuntimeError, never a silently wrong value
     def backward(ctx: Any, grad_values: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         vectors, *matrix_args = ctx.saved_tensors
         A = ctx.representation_tree(*matrix_args)
         left = vectors * grad_values.unsqueeze(-2)  # (*b, n, k): y_i g_i
-        matrix_grads = A._bilinear_derivative(left, vectors)
+        matrix_grads = bilinear_derivative(A, left, vectors)
         return (None, None, None, *matrix_grads)
 
 

@@ -15,7 +15,9 @@ import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator, to_linear_operator
 from torch import Tensor
 
-__all__ = ["PreparedOperator", "prepare_operator", "resolve_generator", "randn", "check_k"]
+from ..core.probes import rademacher, randn, resolve_generator
+
+__all__ = ["PreparedOperator", "prepare_operator", "resolve_generator", "randn", "rademacher", "check_k"]
 
 MatmulFn = Callable[[Tensor], Tensor]
 
@@ -149,33 +151,3 @@ def check_tol(tol: object) -> float:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol >= 0) or tol == float("inf"):
         raise ValueError(f"tol must be a finite number >= 0; got tol={tol!r}.")
     return float(tol)
-
-
-def resolve_generator(
-    seed: int | None, generator: torch.Generator | None, device: torch.device
-) -> torch.Generator | None:
-    """A local generator: ``generator`` as given, a fresh one seeded by ``seed``, or ``None`` (global RNG)."""
-    if seed is not None and generator is not None:
-        raise ValueError("pass either seed or generator, not both.")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}.")
-        if torch.device(generator.device).type != device.type:
-            raise ValueError(f"generator is on {generator.device} but the operator is on {device}; they must match.")
-        return generator
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int or None; got {seed!r}.")
-        return torch.Generator(device=device).manual_seed(seed)
-    return None
-
-
-def randn(shape: tuple[int, ...], gen: torch.Generator | None, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Standard normal samples on ``device`` in ``dtype`` from ``gen``."""
-    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
-
-
-def rademacher(shape: tuple[int, ...], gen: torch.Generator | None, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Random ±1 entries on ``device`` in ``dtype`` from ``gen``."""
-    bits = torch.randint(0, 2, shape, generator=gen, device=device)
-    return (2 * bits - 1).to(dtype)

@@ -48,7 +48,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from ..lanczos import LanczosResult, lanczos_tridiag
+from ..core.lanczos import LanczosResult, lanczos_tridiag
 from .grad import differentiable_eigenvalues
 from .inputs import PreparedOperator, check_k, check_tol, prepare_operator, randn, resolve_generator
 from .result import EigenResult

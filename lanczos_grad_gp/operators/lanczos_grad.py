@@ -14,7 +14,7 @@ import torch
 from linear_operator.operators import LinearOperator, to_linear_operator
 from torch import Tensor
 
-from .inv_quad_logdet import inv_quad_logdet
+from ..functions.inv_quad_logdet import inv_quad_logdet
 
 __all__ = ["LanczosGradLinearOperator"]
 

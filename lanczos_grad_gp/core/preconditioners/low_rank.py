@@ -1,4 +1,4 @@
-r"""Symmetric split pivoted-Cholesky preconditioner for ``K = K_θ + D`` (DESIGN §3).
+r"""Low-rank-plus-diagonal split preconditioner for ``K = K_θ + D`` (docs/mathematics.md, "The GP marginal likelihood").
 
 With a rank-``k`` pivoted Cholesky factor ``L`` of ``K_θ`` (Harbrecht et al. 2012, as in
 GPyTorch) and the diagonal ``D`` (noise),
@@ -23,16 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from linear_operator.operators import AddedDiagLinearOperator, LinearOperator
+from linear_operator.operators import LinearOperator
 from torch import Tensor
 
+from ..._compat import added_diag_parts
 from .pivoted_cholesky import pivoted_cholesky
 
-__all__ = ["SplitPreconditioner", "pivoted_cholesky_preconditioner"]
+__all__ = ["LowRankPlusDiagPreconditioner", "SplitPreconditioner", "pivoted_cholesky_preconditioner"]
 
 
 @dataclass(frozen=True)
-class SplitPreconditioner:
+class LowRankPlusDiagPreconditioner:
     """``P = C C^T`` with ``C = D^{1/2}(I + M M^T)^{1/2}``; identity when ``rank == 0`` and ``d ≡ 1``.
 
     Attributes:
@@ -69,11 +70,19 @@ class SplitPreconditioner:
         return x
 
 
-def identity_preconditioner(A: LinearOperator) -> SplitPreconditioner:
-    return SplitPreconditioner(None, None, None, torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device), 0)
+#: the first release's name
+SplitPreconditioner = LowRankPlusDiagPreconditioner
 
 
-def pivoted_cholesky_preconditioner(A: LinearOperator, max_rank: int, trace_tol: float) -> SplitPreconditioner:
+def identity_preconditioner(A: LinearOperator) -> LowRankPlusDiagPreconditioner:
+    """``P = I`` (``C^{-1} = I``, ``log det P = 0``, rank 0)."""
+    zero = torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)
+    return LowRankPlusDiagPreconditioner(None, None, None, zero, 0)
+
+
+def pivoted_cholesky_preconditioner(
+    A: LinearOperator, max_rank: int, trace_tol: float
+) -> LowRankPlusDiagPreconditioner:
     """Build the split preconditioner of ``A`` (identity unless ``A = K + D`` with diagonal ``D``).
 
     Args:
@@ -81,20 +90,22 @@ def pivoted_cholesky_preconditioner(A: LinearOperator, max_rank: int, trace_tol:
         max_rank: maximal pivoted-Cholesky rank (0: no low-rank part, only the diagonal split).
         trace_tol: stop when ``tr(K - L L^T) ≤ trace_tol · n · min(D)``.
     """
-    if not isinstance(A, AddedDiagLinearOperator) or A.batch_shape.numel() == 0:  # empty batch: nothing to do
+    parts = added_diag_parts(A)
+    if parts is None or A.batch_shape.numel() == 0:  # empty batch: nothing to do
         return identity_preconditioner(A)
+    base, diag = parts
     with torch.no_grad():
-        d = A._diag_tensor.diagonal().detach()  # (*batch, n)
+        d = diag.diagonal().detach()  # (*batch, n)
         d = d.expand(*A.batch_shape, A.shape[-1]) if d.shape[:-1] != A.batch_shape else d
         if not bool((d > 0).all()):
             return identity_preconditioner(A)
         inv_sqrt_d = d.rsqrt()
         logdet = d.log().sum(-1)
-        base = A._linear_op.detach()
+        base = base.detach()
         n = A.shape[-1]
         rank = min(max_rank, n)
         if rank == 0:
-            return SplitPreconditioner(inv_sqrt_d, None, None, logdet, 0)
+            return LowRankPlusDiagPreconditioner(inv_sqrt_d, None, None, logdet, 0)
         L = pivoted_cholesky(base, rank, error_tol=trace_tol * n * d.amin(-1))  # (*batch, n, k)
         # In low precision on a numerically rank-deficient kernel (near-duplicate inputs) a late
         # pivot can go nonpositive and NaN-fill the remaining columns. Keep the finite leading
@@ -102,7 +113,7 @@ def pivoted_cholesky_preconditioner(A: LinearOperator, max_rank: int, trace_tol:
         good = torch.isfinite(L).flatten(0, -2).all(0) if L.dim() > 2 else torch.isfinite(L).all(0)
         k_ok = int(good.long().cumprod(0).sum())
         if k_ok == 0:
-            return SplitPreconditioner(inv_sqrt_d, None, None, logdet, 0)
+            return LowRankPlusDiagPreconditioner(inv_sqrt_d, None, None, logdet, 0)
         L = L[..., :k_ok]
         M = L * inv_sqrt_d.unsqueeze(-1)  # (*batch, n, k)
         # Thin SVD via QR (orthonormal U to working precision, also in float32, so that the applied
@@ -113,4 +124,4 @@ def pivoted_cholesky_preconditioner(A: LinearOperator, max_rank: int, trace_tol:
         s2 = s.square()
         scale = (1.0 + s2).rsqrt() - 1.0
         logdet = logdet + torch.log1p(s2).sum(-1)
-        return SplitPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1])
+        return LowRankPlusDiagPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1])

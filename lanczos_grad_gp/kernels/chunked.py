@@ -11,9 +11,11 @@ hyperparameters as tensors) whose heavy operations work on row blocks of ``chunk
   which evaluate ``covar_func`` on the requested entries only.
 
 This is exactly the interface :func:`lanczos_grad_gp.inv_quad_logdet` uses (``_matmul``, diagonal,
-pivoted Cholesky, ``_bilinear_derivative``; DESIGN §4), so a full UCI protein GP (n ≈ 41k) runs
-in a few GB. :class:`ChunkedKernel` wraps a GPyTorch ``RBFKernel`` / ``MaternKernel`` (optionally
-inside a ``ScaleKernel``) so an existing model uses the operator unchanged::
+pivoted Cholesky, ``_bilinear_derivative``; docs/mathematics.md, "Integration with GPyTorch,
+linear_operator and BoTorch"), so a full UCI protein GP (n ≈ 41k) runs in a few GB.
+:class:`~lanczos_grad_gp.kernels.chunked_kernel.ChunkedKernel` wraps a GPyTorch ``RBFKernel`` /
+``MaternKernel`` (optionally inside a ``ScaleKernel``) so an existing model uses the operator
+unchanged::
 
     model.covar_module = ChunkedKernel(ScaleKernel(RBFKernel(ard_num_dims=d)))
     with lgg.settings.use_lanczos_grad():
@@ -22,6 +24,7 @@ inside a ``ScaleKernel``) so an existing model uses the operator unchanged::
 
 Example:
     >>> import torch
+    >>> from lanczos_grad_gp.kernels.profiles import rbf_covar
     >>> x = torch.randn(50, 3, dtype=torch.float64)
     >>> ls, os_ = torch.ones(1, 3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
     >>> K = ChunkedKernelLinearOperator(x, x, covar_func=rbf_covar, lengthscale=ls, outputscale=os_, chunk_size=7)
@@ -32,22 +35,17 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
-import gpytorch
 import torch
 from linear_operator.operators import KernelLinearOperator, LinearOperator
 from torch import Tensor
 
-__all__ = [
-    "ChunkedKernel",
-    "ChunkedKernelLinearOperator",
-    "default_chunk_size",
-    "matern_covar",
-    "rbf_covar",
-]
+from .._compat import kernel_operator_kwargs
+from .blocks import sum_to_shape
+
+__all__ = ["ChunkedKernelLinearOperator", "default_chunk_size"]
 
 #: entries of one ``chunk x n`` kernel block when ``chunk_size`` is not given (128 MiB in float64)
 _BLOCK_ENTRIES = 2**24
@@ -56,42 +54,6 @@ _BLOCK_ENTRIES = 2**24
 def default_chunk_size(n: int) -> int:
     """Rows per block so one ``chunk x n`` block holds about ``2**24`` entries (at least 1 row)."""
     return max(1, min(n, _BLOCK_ENTRIES // max(n, 1)))
-
-
-def _scaled_sq_dist(x1: Tensor, x2: Tensor, lengthscale: Tensor) -> Tensor:
-    """``|x1_i - x2_j|² / ℓ²`` (ARD), clamped at 0; broadcasts over batch dimensions."""
-    a, b = x1 / lengthscale, x2 / lengthscale
-    # centre for accuracy of the expanded form |a|² - 2 a·b + |b|²
-    mu = a.mean(-2, keepdim=True) if a.shape[-2] >= b.shape[-2] else b.mean(-2, keepdim=True)
-    a, b = a - mu, b - mu
-    sq = a.square().sum(-1, keepdim=True) - 2 * (a @ b.mT) + b.square().sum(-1, keepdim=True).mT
-    return sq.clamp_min(0)
-
-
-def rbf_covar(x1: Tensor, x2: Tensor, *, lengthscale: Tensor, outputscale: Tensor) -> Tensor:
-    r"""Dense RBF-ARD block ``s · exp(-|x1_i - x2_j|² / 2ℓ²)``.
-
-    Args:
-        x1: ``(*batch, M, D)``; x2: ``(*batch, N, D)``.
-        lengthscale: ``(*batch, 1, D)`` (or ``(*batch, 1, 1)``).
-        outputscale: ``(*batch)`` (a 0-d tensor for an unbatched kernel).
-    """
-    return outputscale[..., None, None] * torch.exp(-0.5 * _scaled_sq_dist(x1, x2, lengthscale))
-
-
-def matern_covar(x1: Tensor, x2: Tensor, *, lengthscale: Tensor, outputscale: Tensor, nu: float = 2.5) -> Tensor:
-    """Dense Matérn block (``nu`` in 0.5, 1.5, 2.5), same parameter shapes as :func:`rbf_covar`."""
-    d = (_scaled_sq_dist(x1, x2, lengthscale) + 1e-30).sqrt()  # +tiny keeps the sqrt differentiable at 0
-    e = torch.exp(-math.sqrt(2 * nu) * d)
-    if nu == 0.5:
-        poly = torch.ones_like(d)
-    elif nu == 1.5:
-        poly = 1 + math.sqrt(3) * d
-    elif nu == 2.5:
-        poly = 1 + math.sqrt(5) * d + 5.0 / 3.0 * d.square()
-    else:
-        raise ValueError(f"nu must be 0.5, 1.5 or 2.5; got {nu}.")
-    return outputscale[..., None, None] * poly * e
 
 
 class ChunkedKernelLinearOperator(KernelLinearOperator):
@@ -134,7 +96,7 @@ class ChunkedKernelLinearOperator(KernelLinearOperator):
         )
         self.chunk_size = int(chunk_size) if chunk_size is not None else default_chunk_size(self.x2.shape[-2])
         # stored for representation_tree()/detach(); not forwarded to covar_func
-        self._nondifferentiable_kwargs["chunk_size"] = chunk_size
+        kernel_operator_kwargs(self)[1]["chunk_size"] = chunk_size
 
     def _block(self, rows: slice, x1: Tensor | None = None, params: dict[str, Tensor] | None = None) -> Tensor:
         x1 = self.x1 if x1 is None else x1
@@ -160,8 +122,9 @@ class ChunkedKernelLinearOperator(KernelLinearOperator):
         """
         if left_vecs.dim() == 1:
             left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
-        names = list(self._differentiable_kwargs.keys())
-        originals = [self.x1, self.x2, *(self._differentiable_kwargs[k] for k in names)]
+        diff, _ = kernel_operator_kwargs(self)
+        names = list(diff.keys())
+        originals = [self.x1, self.x2, *(diff[k] for k in names)]
         wants = [t.requires_grad for t in originals]
         if not any(wants):
             return (None,) * len(originals)
@@ -180,7 +143,7 @@ class ChunkedKernelLinearOperator(KernelLinearOperator):
                         grads[i] = g if grads[i] is None else grads[i] + g
         out: list[Tensor | None] = []
         for g, t in zip(grads, originals, strict=False):
-            out.append(None if g is None else _sum_to_shape(g, t.shape))
+            out.append(None if g is None else sum_to_shape(g, t.shape))
         return tuple(out)
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
@@ -210,76 +173,3 @@ class ChunkedKernelLinearOperator(KernelLinearOperator):
         if isinstance(op, ChunkedKernelLinearOperator):
             op.chunk_size = self.chunk_size
         return op
-
-
-def _sum_to_shape(g: Tensor, shape: torch.Size) -> Tensor:
-    """Reduce a broadcast gradient back to ``shape``."""
-    while g.dim() > len(shape):
-        g = g.sum(0)
-    for i, s in enumerate(shape):
-        if s == 1 and g.shape[i] != 1:
-            g = g.sum(i, keepdim=True)
-    return g
-
-
-class ChunkedKernel(gpytorch.kernels.Kernel):
-    """GPyTorch kernel whose kernel matrices are evaluated in row blocks (never dense).
-
-    The matrices are :class:`~lanczos_grad_gp.stationary_kernels.StationaryKernelLinearOperator`
-    with ``dense=False`` (a :class:`ChunkedKernelLinearOperator` with a closed-form gradient).
-
-    Wraps ``RBFKernel`` or ``MaternKernel`` (``nu`` 0.5/1.5/2.5), optionally inside a
-    ``ScaleKernel``; the wrapped module keeps the parameters, priors and constraints, so a model's
-    ``state_dict`` is unchanged apart from the ``base_kernel.`` prefix. ``diag=True`` calls are
-    forwarded to the wrapped kernel.
-
-    Args:
-        base_kernel: the kernel to evaluate in row chunks.
-        chunk_size: rows per block (default :func:`default_chunk_size`).
-    """
-
-    def __init__(self, base_kernel: gpytorch.kernels.Kernel, *, chunk_size: int | None = None) -> None:
-        super().__init__(batch_shape=base_kernel.batch_shape)
-        inner = base_kernel.base_kernel if isinstance(base_kernel, gpytorch.kernels.ScaleKernel) else base_kernel
-        if not isinstance(inner, gpytorch.kernels.RBFKernel | gpytorch.kernels.MaternKernel):
-            raise TypeError(
-                "ChunkedKernel supports RBFKernel or MaternKernel (optionally in a ScaleKernel); "
-                f"got {type(inner).__name__}."
-            )
-        if getattr(inner, "active_dims", None) is not None:
-            raise ValueError("ChunkedKernel does not support active_dims on the wrapped kernel.")
-        self.base_kernel = base_kernel
-        self.chunk_size = chunk_size
-
-    @property
-    def _inner(self) -> gpytorch.kernels.Kernel:
-        k = self.base_kernel
-        return k.base_kernel if isinstance(k, gpytorch.kernels.ScaleKernel) else k
-
-    def forward(
-        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
-    ) -> Tensor | LinearOperator:
-        """A :class:`ChunkedKernelLinearOperator` (or the wrapped kernel's output for ``diag``)."""
-        if diag or last_dim_is_batch:
-            return self.base_kernel.forward(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
-        from .stationary_kernels import StationaryKernelLinearOperator
-
-        inner = self._inner
-        if isinstance(self.base_kernel, gpytorch.kernels.ScaleKernel):
-            outputscale = self.base_kernel.outputscale
-        else:
-            outputscale = torch.ones(self.batch_shape, dtype=x1.dtype, device=x1.device)
-        nu = float(inner.nu) if isinstance(inner, gpytorch.kernels.MaternKernel) else None
-        return StationaryKernelLinearOperator(
-            x1,
-            x2,
-            lengthscale=inner.lengthscale,
-            outputscale=outputscale,
-            nu=nu,
-            dense=False,
-            chunk_size=self.chunk_size,
-        )
-
-    def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
-        """One output per input."""
-        return 1

@@ -2,11 +2,11 @@
 
 Files are comma-separated numbers without a header, one row per example, the target in the
 last column, optionally gzip-compressed (``.csv`` or ``.csv.gz``). The package bundles the
-*concrete* set (1030 × 8; see ``lanczos_grad_gp/data/README.md`` for attribution); larger sets
+*concrete* set (1030 × 8; see ``lanczos_grad_gp/app/data/README.md`` for attribution); larger sets
 live under ``../shared/data/uci/<name>/data.csv.gz`` next to a development checkout.
 
 Example:
-    >>> from lanczos_grad_gp.datasets import load_default
+    >>> from lanczos_grad_gp.app.datasets import load_default
     >>> data = load_default(n=200)
     >>> tuple(data.train_x.shape), tuple(data.test_x.shape)
     ((180, 8), (20, 8))
@@ -100,14 +100,14 @@ class Dataset:
 
 def bundled_data_path(name: str = DEFAULT_DATASET) -> Path:
     """Path of a data file bundled with the package (``lanczos_grad_gp/data/<name>.csv.gz``)."""
-    return Path(str(resources.files("lanczos_grad_gp").joinpath("data", f"{name}.csv.gz")))
+    return Path(str(resources.files("lanczos_grad_gp.app").joinpath("data", f"{name}.csv.gz")))
 
 
 def shared_data_dir() -> Path | None:
     """``../shared/data/uci`` next to the repository root, or ``$LGG_DATA_DIR``; ``None`` if absent."""
     env = os.environ.get(_ENV_DATA_DIR)
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci")
+    candidates.append(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "uci")
     for candidate in candidates:
         if candidate.is_dir():
             return candidate

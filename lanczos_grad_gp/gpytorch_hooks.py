@@ -6,12 +6,15 @@ function, so results are bit-identical to stock GPyTorch):
 
 * ``gpytorch.distributions.MultivariateNormal.log_prob`` — stock GPyTorch only reaches
   ``inv_quad_logdet`` when ``fast_computations.log_prob`` is on, which BoTorch turns off at
-  import (DESIGN §4). While the flag is on, the hook takes the fast path itself (the same
-  steps as GPyTorch's own fast branch) without touching the process-global
-  ``fast_computations`` setting, so other threads are unaffected.
+  import (docs/mathematics.md, "Integration with GPyTorch, linear_operator and BoTorch"). While
+  the flag is on, the hook takes the fast path itself (the same steps as GPyTorch's own fast
+  branch, gpytorch 1.15) without touching the process-global ``fast_computations`` setting, so
+  other threads are unaffected. Like GPyTorch, it calls ``covar.inv_quad_logdet(...)``: the
+  operator's own method decides.
 * ``linear_operator.LinearOperator.inv_quad_logdet`` — the base-class method, bypassing the
   ``max_cholesky_size`` switch. Operators whose class overrides ``inv_quad_logdet`` with an
-  exact structured formula (diagonal, Kronecker, triangular/Cholesky factors) keep it.
+  exact structured formula (diagonal, Kronecker, triangular/Cholesky factors) keep it, so a
+  multitask Kronecker GP keeps its exact log-determinant under the flag.
 
 ``uninstall()`` restores the originals.
 """
@@ -28,6 +31,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from . import settings
+from ._compat import validate_mvn_sample
 
 __all__ = ["install", "uninstall", "is_installed"]
 
@@ -37,10 +41,7 @@ _originals: dict[str, Any] = {}
 
 def _lanczos_log_prob(self: MultivariateNormal, value: Tensor) -> Tensor:
     """GPyTorch's fast ``log_prob`` branch (gpytorch 1.15, ``MultivariateNormal.log_prob``)."""
-    from .inv_quad_logdet import inv_quad_logdet
-
-    if self._validate_args:
-        self._validate_sample(value)
+    validate_mvn_sample(self, value)
     mean, covar = self.loc, self.lazy_covariance_matrix
     diff = value - mean
     if diff.shape[:-1] != covar.batch_shape:
@@ -50,11 +51,12 @@ def _lanczos_log_prob(self: MultivariateNormal, value: Tensor) -> Tensor:
             padded = (*(1 for _ in range(diff.dim() + 1 - covar.dim())), *covar.batch_shape)
             covar = covar.repeat(*(d // c for d, c in zip(diff.shape[:-1], padded, strict=True)), 1, 1)
     if settings.fused_kernels.on():
-        from .stationary_kernels import fuse_stationary_kernel
+        from .kernels.matcher import fuse_stationary_kernel
 
         covar = fuse_stationary_kernel(covar)
     covar = covar.evaluate_kernel()
-    inv_quad, logdet = inv_quad_logdet(covar, inv_quad_rhs=diff.unsqueeze(-1), logdet=True)
+    # the operator's own method: the flag-gated base-class hook below, or an exact structured override
+    inv_quad, logdet = covar.inv_quad_logdet(inv_quad_rhs=diff.unsqueeze(-1), logdet=True)
     return -0.5 * (inv_quad + logdet + diff.size(-1) * math.log(2 * math.pi))
 
 
@@ -80,7 +82,7 @@ def install() -> None:
             reduce_inv_quad: bool | None = True,
         ):
             if settings.use_lanczos_grad.on():
-                from .inv_quad_logdet import inv_quad_logdet as ours
+                from .functions.inv_quad_logdet import inv_quad_logdet as ours
 
                 return ours(self, inv_quad_rhs, bool(logdet), bool(reduce_inv_quad))
             return orig_iqld(self, inv_quad_rhs, logdet, reduce_inv_quad)

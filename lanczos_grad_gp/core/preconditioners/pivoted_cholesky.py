@@ -23,6 +23,8 @@ import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator
 from torch import Tensor
 
+from ..._compat import get_entries
+
 __all__ = ["pivoted_cholesky"]
 
 
@@ -39,7 +41,7 @@ def _rows(op: LinearOperator, pivots: Tensor) -> Tensor:
     ]
     row = pivots.unsqueeze(-1)  # (*batch, 1)
     col = torch.arange(n, device=op.device).view(*([1] * nb), n)
-    return op._get_indices(row, col, *batch_idx)
+    return get_entries(op, row, col, *batch_idx)
 
 
 def pivoted_cholesky(

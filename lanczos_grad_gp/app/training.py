@@ -7,11 +7,11 @@ Methods (the same model, data and optimiser; only the linear algebra differs):
 - ``"gpytorch"``: GPyTorch's default iterative path (mBCG + stochastic Lanczos quadrature),
   ``max_cholesky_size(0)`` with fast computations on.
 
-Used by the command line (:mod:`lanczos_grad_gp.cli`), the notebooks and the benchmarks.
+Used by the command line (:mod:`lanczos_grad_gp.app.cli`), the notebooks and the benchmarks.
 
 Example:
-    >>> from lanczos_grad_gp.datasets import load_default
-    >>> from lanczos_grad_gp.training import fit_and_evaluate
+    >>> from lanczos_grad_gp.app.datasets import load_default
+    >>> from lanczos_grad_gp.app.training import fit_and_evaluate
     >>> result = fit_and_evaluate(load_default(n=100), "cholesky", steps=2, progress=False)
     >>> result.method, len(result.losses)
     ('cholesky', 2)
@@ -30,9 +30,10 @@ import gpytorch
 import torch
 from torch import Tensor
 
-from . import settings as lgg_settings
+from .. import settings as lgg_settings
+from ..diagnostics import record_calls
+from ..functions.inv_quad_logdet import InvQuadLogdetInfo
 from .datasets import Dataset
-from .inv_quad_logdet import InvQuadLogdetInfo, record_calls
 
 __all__ = [
     "METHODS",

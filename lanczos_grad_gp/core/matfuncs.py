@@ -41,6 +41,12 @@ class MatrixFunction:
             when ``None`` the generic midpoint-guarded formula is used.
         requires_positive: ``f`` is only defined for positive definite operators
             (``log``, ``inv``, ``sqrt``, ``invsqrt``); nonpositive Ritz values raise ``NotPSDError``.
+        curvature: optional ``λ -> |f''(λ) / f'(λ)|``, the relative sensitivity of ``f'`` that sets
+            the round-off floor of the gradient (``κ_f = ‖A‖ · curvature``); ``None``: ``1/λ`` for
+            positive-definite functions, ``1`` otherwise.
+        gradient_constant: ``c`` in the gradient error estimate ``c · relative_residual`` (the
+            spectrum-dependent constant of arXiv:2605.12801, Thm 2): 2 by default, 8 for ``sqrt``,
+            whose gradient error was measured up to 6.5× its residual (``benchmarks/estimate_coverage.py``).
     """
 
     name: str
@@ -48,6 +54,8 @@ class MatrixFunction:
     df: ScalarFn
     dd: Callable[[Tensor, Tensor], Tensor] | None = None
     requires_positive: bool = False
+    curvature: ScalarFn | None = None
+    gradient_constant: float = 2.0
 
     def divided_differences(self, lam: Tensor) -> Tensor:
         """Loewner matrix ``F`` for Ritz values ``lam`` ``(*, m)`` -> ``(*, m, m)``."""
@@ -85,14 +93,47 @@ def _dd_invsqrt(li: Tensor, lj: Tensor) -> Tensor:
 
 
 BUILTIN_FUNCTIONS: dict[str, MatrixFunction] = {
-    "log": MatrixFunction("log", torch.log, torch.reciprocal, _dd_log, requires_positive=True),
-    "inv": MatrixFunction("inv", torch.reciprocal, lambda x: -x.pow(-2), _dd_inv, requires_positive=True),
-    "exp": MatrixFunction("exp", torch.exp, torch.exp, _dd_exp),
-    "sqrt": MatrixFunction("sqrt", torch.sqrt, lambda x: 0.5 * x.rsqrt(), _dd_sqrt, requires_positive=True),
+    "log": MatrixFunction(
+        "log", torch.log, torch.reciprocal, _dd_log, requires_positive=True, curvature=lambda x: 1.0 / x
+    ),
+    "inv": MatrixFunction(
+        "inv", torch.reciprocal, lambda x: -x.pow(-2), _dd_inv, requires_positive=True, curvature=lambda x: 2.0 / x
+    ),
+    "exp": MatrixFunction("exp", torch.exp, torch.exp, _dd_exp, curvature=torch.ones_like),
+    "sqrt": MatrixFunction(
+        "sqrt",
+        torch.sqrt,
+        lambda x: 0.5 * x.rsqrt(),
+        _dd_sqrt,
+        requires_positive=True,
+        curvature=lambda x: 0.5 / x,
+        gradient_constant=8.0,
+    ),
     "invsqrt": MatrixFunction(
-        "invsqrt", torch.rsqrt, lambda x: -0.5 * x.pow(-1.5), _dd_invsqrt, requires_positive=True
+        "invsqrt",
+        torch.rsqrt,
+        lambda x: -0.5 * x.pow(-1.5),
+        _dd_invsqrt,
+        requires_positive=True,
+        curvature=lambda x: 1.5 / x,
     ),
 }
+
+
+def _elementwise(g: ScalarFn, name: str, role: str) -> ScalarFn:
+    """Wrap a user function so that a non-elementwise result (wrong shape or type) raises at once."""
+
+    def checked(x: Tensor) -> Tensor:
+        y = g(x)
+        if not isinstance(y, Tensor) or y.shape != x.shape or not y.dtype.is_floating_point:
+            got = f"shape {tuple(y.shape)}, dtype {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(
+                f"the matrix function {role}={name!r} must be elementwise: map a tensor of shape {tuple(x.shape)} "
+                f"to a floating tensor of the same shape; got {got}."
+            )
+        return y
+
+    return checked
 
 
 def _autograd_derivative(f: ScalarFn) -> ScalarFn:
@@ -125,9 +166,12 @@ def get_matrix_function(f: str | MatrixFunction | ScalarFn | tuple[ScalarFn, Sca
                 "a callable, or a (f, df) pair."
             ) from None
     if isinstance(f, tuple) and len(f) == 2 and all(callable(g) for g in f):
-        return MatrixFunction(getattr(f[0], "__name__", "custom"), f[0], f[1])
+        name = getattr(f[0], "__name__", "custom")
+        return MatrixFunction(name, _elementwise(f[0], name, "f"), _elementwise(f[1], name, "df"))
     if callable(f):
-        return MatrixFunction(getattr(f, "__name__", "custom"), f, _autograd_derivative(f))
+        name = getattr(f, "__name__", "custom")
+        checked = _elementwise(f, name, "f")
+        return MatrixFunction(name, checked, _autograd_derivative(checked))
     raise ValueError(
         f"f must be a function name, a MatrixFunction, a callable or a (f, df) pair; got {type(f).__name__}."
     )

@@ -19,7 +19,20 @@ without it. A column stops (its later entries become a decoupled padding block) 
 * it breaks down, ``β_j ≤ breakdown_tol · ‖A‖_est``: the Krylov space is invariant and the
   answer for that column is exact; we never divide by the small ``β_j``;
 * the optional ``stop_fn`` reports it converged. ``stop_fn`` is evaluated only every
-  ``check_every`` steps, so the loop has no per-step host synchronisation.
+  ``check_every`` steps (every ``check_every · ⌊j / (20 check_every)⌋`` steps once ``j`` passes
+  ``20 check_every``, i.e. every ~5% of the steps taken), so the loop has no per-step host
+  synchronisation and the checks' eigendecompositions stay ``O(m³)`` in total.
+
+``max_iter`` is NOT capped at ``n`` without reorthogonalization: the basis loses orthogonality
+and the recurrence may need more than ``n`` steps to converge (Greenbaum 1989: finite-precision
+Lanczos behaves like exact Lanczos on a larger matrix with eigenvalues clustered around those of
+``A``). With full reorthogonalization it is capped at ``n`` (step ``n`` breaks down in exact
+arithmetic; a later vector would be rounding noise).
+
+Scale safety: each column runs on ``A / s_c`` with ``s_c = ‖A q_1‖`` (a scale-safe norm,
+:mod:`.norms`) and its ``α, β`` are multiplied back by ``s_c``, so norms inside the loop are
+``O(1)`` whatever the scale of ``A`` (``‖A‖ = 1e-25`` in float32 or ``1e200`` in float64
+neither underflows to a false breakdown nor overflows).
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .norms import safe_norm
 
 __all__ = ["LanczosResult", "lanczos_tridiag"]
 
@@ -97,7 +112,8 @@ def lanczos_tridiag(
     Args:
         matmul: ``X (*batch, n, k) -> A X``; called once per step with all columns.
         v0: start vectors as columns (not necessarily normalised).
-        max_iter: maximal number of steps ``m`` (clipped to ``n``).
+        max_iter: maximal number of steps ``m`` (may exceed ``n`` without reorthogonalization; see the
+            module docstring).
         reorthogonalize: full (twice-is-enough Gram-Schmidt) reorthogonalization against all
             previous vectors of the same column. Off by default.
         stop_fn: called every ``check_every`` steps with the partial result; returns a bool
@@ -120,8 +136,11 @@ def lanczos_tridiag(
         raise TypeError(f"v0 must be a torch.Tensor; got {type(v0).__name__}.")
     if v0.dim() < 2:
         raise ValueError(f"v0 must have shape (*batch, n, k); got shape {tuple(v0.shape)}.")
-    if not v0.dtype.is_floating_point:
-        raise ValueError(f"v0 must be a floating-point tensor; got dtype {v0.dtype}.")
+    if v0.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"v0 must be a floating-point tensor of dtype float32 or float64; got dtype {v0.dtype}. Lanczos in half "
+            "precision loses all accuracy within a few steps: convert with .float() or .double()."
+        )
     if v0.shape[-2] == 0:
         raise ValueError(f"v0 has n = 0 rows; the operator must be at least 1 x 1 (v0 shape {tuple(v0.shape)}).")
     for arg, val in (("max_iter", max_iter), ("check_every", check_every)):
@@ -134,12 +153,13 @@ def lanczos_tridiag(
     if stop_fn is not None and not callable(stop_fn):
         raise TypeError(f"stop_fn must be callable or None; got {type(stop_fn).__name__}.")
     *batch, n, k = v0.shape
-    m = min(int(max_iter), n)
+    # with full reorthogonalization step n breaks down in exact arithmetic; later vectors would be noise
+    m = min(int(max_iter), n) if reorthogonalize else int(max_iter)
     eps = torch.finfo(v0.dtype).eps
     if breakdown_tol is None:
         breakdown_tol = 10.0 * (n**0.5) * eps
 
-    start_norm = torch.linalg.vector_norm(v0, dim=-2)  # (*batch, k)
+    start_norm = safe_norm(v0, dim=-2)  # (*batch, k)
     if not bool(torch.isfinite(start_norm).all()):
         raise ValueError("v0 (the start vectors) contains NaN or Inf.")
     nonzero = start_norm > 0
@@ -160,16 +180,22 @@ def lanczos_tridiag(
     norm_est = v0.new_zeros(*batch, k)
     active = nonzero.clone()
     finite = torch.ones((), dtype=torch.bool, device=v0.device)  # checked at the host syncs only
+    scale = v0.new_ones(*batch, k)  # (*batch, k) s_c: column c runs on A / s_c
     steps = m
+    next_check = check_every
     for j in range(m):
         basis[..., j, :] = q.mT
         active_hist[..., j] = active
         w = matmul(q)  # (*batch, n, k)
-        if j == 0 and (not isinstance(w, Tensor) or w.shape != q.shape):
+        if not isinstance(w, Tensor) or w.shape != q.shape or w.dtype != q.dtype:
             raise ValueError(
-                f"matmul must map a (*batch, n, k) tensor to one of the same shape {tuple(q.shape)}; "
-                f"got {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}."
+                f"matmul must map a (*batch, n, k) tensor to one of the same shape {tuple(q.shape)} and dtype "
+                f"{q.dtype}; got {_describe(w)} at step {j + 1}."
             )
+        if j == 0:
+            s0 = safe_norm(w, dim=-2)
+            scale = torch.where((s0 > 0) & torch.isfinite(s0), s0, scale)
+        w = w / scale.unsqueeze(-2)
         a = (q * w).sum(-2)  # (*batch, k)
         w = w - a.unsqueeze(-2) * q - beta_prev.unsqueeze(-2) * q_prev
         if orthogonal_to is not None:
@@ -193,11 +219,17 @@ def lanczos_tridiag(
         q = w / torch.where(active, b, torch.ones_like(b)).unsqueeze(-2) * active.unsqueeze(-2)
         beta_prev = b * active
         last = j + 1 == m
-        if not last and (j + 1) % check_every == 0:
+        if not last and j + 1 == next_check:
+            # checks every ``check_every`` steps up to 20 of them, then every ~5% of the steps taken (still
+            # multiples of check_every): each check costs an m x m eigendecomposition, so this keeps the
+            # total check cost O(m^3) instead of O(m^4 / check_every), overshooting by at most ~5%
+            next_check += check_every * max(1, (j + 1) // (20 * check_every))
             _raise_if_nonfinite(finite)
             if stop_fn is not None:
-                partial = _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, j + 1, resid_vec)
-                conv = stop_fn(partial) & active
+                partial = _assemble(
+                    basis, alpha, beta, active_hist, start_norm, stopped, broke, j + 1, resid_vec, scale
+                )
+                conv = _check_stop(stop_fn(partial), active)
                 stopped = stopped | conv
                 active = active & ~conv
                 q = q * active.unsqueeze(-2)
@@ -206,7 +238,23 @@ def lanczos_tridiag(
                 steps = j + 1
                 break
     _raise_if_nonfinite(finite)
-    return _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, steps, resid_vec)
+    return _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, steps, resid_vec, scale)
+
+
+def _describe(w: object) -> str:
+    if isinstance(w, Tensor):
+        return f"shape {tuple(w.shape)}, dtype {w.dtype}"
+    return type(w).__name__
+
+
+def _check_stop(conv: object, active: Tensor) -> Tensor:
+    """Validate a ``stop_fn`` result: a bool tensor of the columns' shape ``(*batch, k)``."""
+    if not isinstance(conv, Tensor) or conv.dtype != torch.bool or conv.shape != active.shape:
+        raise ValueError(
+            f"stop_fn must return a bool tensor of shape {tuple(active.shape)} (one entry per column); "
+            f"got {_describe(conv)}."
+        )
+    return conv.to(active.device) & active
 
 
 def _raise_if_nonfinite(finite: Tensor) -> None:
@@ -227,16 +275,18 @@ def _assemble(
     broke: Tensor,
     steps: int,
     residual_vector: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> LanczosResult:
-    """Cut the preallocated buffers to ``steps`` and pad the stopped columns' blocks."""
+    """Cut the preallocated buffers to ``steps``, pad the stopped columns' blocks, undo the column scaling."""
     done = active_hist[..., :steps]  # (*batch, k, steps) step j performed
     nxt = active_hist[..., 1 : steps + 1].clone()  # step j+1 performed
     if steps < active_hist.shape[-1] - 1:
         nxt[..., -1] = False  # result cut at `steps`: nothing after
-    a = alpha[..., :steps]
+    s = torch.ones_like(start_norm) if scale is None else scale
+    a = alpha[..., :steps] * s.unsqueeze(-1)
     pad = torch.where(done[..., :1], a[..., :1], torch.ones_like(a[..., :1]))
     a = torch.where(done, a, pad)
-    b_all = beta[..., :steps]
+    b_all = beta[..., :steps] * s.unsqueeze(-1)
     off = (b_all * nxt)[..., : steps - 1]
     last_step = done & ~nxt
     residual = (b_all * last_step).sum(-1)
@@ -250,5 +300,5 @@ def _assemble(
         iterations=iterations,
         broke_down=broke.clone(),
         stopped=stopped.clone(),
-        residual_vector=residual_vector,
+        residual_vector=None if residual_vector is None else residual_vector * s.unsqueeze(-2),
     )

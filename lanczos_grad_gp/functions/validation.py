@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator, to_linear_operator
 from torch import Tensor
-from torch._C import _functions
 
-__all__ = ["broadcast_rhs", "check_operator", "check_symmetric", "first_order_only"]
+from .._compat import delayed_error
+from ..core.norms import safe_matrix_norm
+
+__all__ = ["broadcast_rhs", "check_dtype", "check_operator", "check_symmetric", "first_order_only"]
 
 _DOUBLE_BACKWARD_MSG = (
     b"lanczos_grad_gp: the forward-only Lanczos gradient is first-order only; differentiating it again "
@@ -30,7 +32,10 @@ def first_order_only(backward: Any) -> Any:
     ``once_differentiable`` only guards when the incoming gradient requires grad; for the common
     ``torch.autograd.grad(loss, θ, create_graph=True)`` it does not, and the user gets gradients
     without ``grad_fn`` and a puzzling "does not require grad" error (or silently zero second
-    derivatives). Here every output gradient carries a node that raises a clear RuntimeError.
+    derivatives). Here every output gradient carries a node that raises a clear RuntimeError, and
+    that node is connected to the Function's saved inputs (``θ``): a second
+    ``torch.autograd.grad(g, θ, allow_unused=True)`` reaches it and raises instead of silently
+    returning ``None``.
     """
 
     @functools.wraps(backward)
@@ -41,15 +46,20 @@ def first_order_only(backward: Any) -> Any:
         if not create_graph:
             return outputs
         outs = outputs if isinstance(outputs, tuple) else (outputs,)
-        err_fn = _functions.DelayedError(_DOUBLE_BACKWARD_MSG, len(outs))
+        err_fn = delayed_error(_DOUBLE_BACKWARD_MSG, len(outs))
+        saved = [t for t in getattr(ctx, "saved_tensors", ()) if isinstance(t, Tensor) and t.requires_grad]
+        anchor = sum(t.sum() * 0 for t in saved) if saved else None  # 0, with θ in its graph
 
-        def fake_requires_grad(t: Any) -> Any:
-            if isinstance(t, Tensor):
-                t = t.detach()
-                t.requires_grad_(True)
+        def connect(t: Any) -> Any:
+            if not isinstance(t, Tensor):
+                return t
+            if anchor is not None and t.is_floating_point():
+                return t.detach() + anchor.to(t.dtype)
+            t = t.detach()
+            t.requires_grad_(True)
             return t
 
-        wrapped = err_fn(*[fake_requires_grad(t) for t in outs])
+        wrapped = err_fn(*[connect(t) for t in outs])
         wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
         return wrapped if isinstance(outputs, tuple) else wrapped[0]
 
@@ -71,11 +81,15 @@ def check_symmetric(M: Tensor, name: str = "A", what: str = "") -> None:
         Md = M.detach()
         gen = torch.Generator().manual_seed(0)
         X = torch.randn(Md.shape[-1], 4, generator=gen, dtype=torch.float64).to(device=Md.device, dtype=Md.dtype)
-        MX = Md @ X
+        peak = Md.abs().amax((-2, -1), keepdim=True)  # scale first: entries of 1e200 or 1e-30 are fine
+        if not bool(torch.isfinite(peak).all()):
+            raise ValueError(f"{name} contains NaN or Inf{what}. {_NAN_ADVICE}")
+        Ms = Md / torch.where(peak > 0, peak, torch.ones_like(peak))
+        MX = Ms @ X
         if not bool(torch.isfinite(MX).all()):
             raise ValueError(f"{name} contains NaN or Inf{what}. {_NAN_ADVICE}")
-        asym = torch.linalg.matrix_norm(MX - Md.mT @ X)
-        size = torch.linalg.matrix_norm(MX)
+        asym = safe_matrix_norm(MX - Ms.mT @ X)
+        size = safe_matrix_norm(MX)
         rel = torch.where(size > 0, asym / torch.where(size > 0, size, torch.ones_like(size)), asym)
         worst = float(rel.max())
     tol = torch.finfo(M.dtype).eps ** 0.5
@@ -93,6 +107,17 @@ _NAN_ADVICE = (
 )
 
 
+def check_dtype(dtype: torch.dtype, name: str) -> None:
+    """``ValueError`` unless ``dtype`` is float32 or float64 (Lanczos in half precision is garbage)."""
+    if dtype not in (torch.float32, torch.float64):
+        advice = (
+            " Lanczos in half precision loses all accuracy within a few steps: convert with .float() or .double()."
+            if dtype in (torch.float16, torch.bfloat16)
+            else ""
+        )
+        raise ValueError(f"{name} must be a floating-point tensor of dtype float32 or float64; got {dtype}.{advice}")
+
+
 def check_operator(A: Any, name: str = "A", what: str = "") -> LinearOperator:
     """Validate ``A`` (dense tensor or LinearOperator) and return it as a LinearOperator.
 
@@ -107,8 +132,7 @@ def check_operator(A: Any, name: str = "A", what: str = "") -> LinearOperator:
         raise TypeError(f"{name} must be a LinearOperator or a torch.Tensor; got {type(A).__name__}.")
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"{name} must be square with shape (*batch, n, n); got shape {tuple(A.shape)}.")
-    if not A.dtype.is_floating_point:
-        raise ValueError(f"{name} must have a floating-point dtype; got {A.dtype}.")
+    check_dtype(A.dtype, name)
     if A.shape[-1] == 0:
         raise ValueError(f"{name} has size n = 0; it must be at least 1 x 1.")
     if isinstance(A, Tensor):
@@ -117,6 +141,7 @@ def check_operator(A: Any, name: str = "A", what: str = "") -> LinearOperator:
     if isinstance(A, DenseLinearOperator):
         check_symmetric(A.tensor, name, what)
         return A
+    A = A.evaluate_kernel()  # a lazily evaluated GPyTorch kernel becomes the operator it stands for
     for t in A.representation():  # kernel inputs, hyperparameters, noise, dense blocks
         if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not _all_finite(t.detach()):
             raise ValueError(f"{name} contains NaN or Inf{what}. {_NAN_ADVICE}")

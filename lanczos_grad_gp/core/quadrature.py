@@ -4,33 +4,23 @@ Given a Lanczos run from ``v`` (``A Q = Q T + β_m q_{m+1} e_m^T``, ``T = S diag
 
 * value (Gauss quadrature, Golub & Meurant 2009): ``v^T f(A) v ≈ Σ_i a_i² f(λ_i)`` with
   ``a = ‖v‖ S^T e_1`` — never ``Y^T v``, which is wrong once ``Q`` lost orthogonality
-  (DESIGN §2);
+  (docs/mathematics.md, "Lanczos and Gauss quadrature");
 * ``f(A) v ≈ ‖v‖ Q f(T) e_1``, used for the gradient with respect to ``v``
   (``∂/∂v v^T f(A) v = 2 f(A) v``);
-* forward-only gradient (Singh, Barros & Li, arXiv:2605.12801): hold ``Q`` fixed and
-  differentiate ``T(θ) = Q^T A(θ) Q``:
-
-  .. math::
-      \partial_θ\, v^\top f(A) v \approx \sum_{ij} Γ_{ij}\, y_i^\top (\partial_θ A) y_j
-      = \operatorname{tr}\big(Q M Q^\top \partial_θ A\big),\quad
-      Γ = F \circ (a a^\top),\ M = S Γ S^\top,
-
-  with ``F`` the divided differences of ``f`` at the Ritz values. ``M`` is symmetric, so
-  ``Q M Q^T = (Q U D)(Q U)^T`` with ``M = U D U^T``; dropping the eigenvalues of ``M`` that
-  carry a negligible share of ``Σ|D|`` shrinks the factors handed to
-  ``_bilinear_derivative`` (for ``f = 1/x`` ``M = -x x^T`` is exactly rank one);
+* the forward-only gradient factors live in :mod:`.forward_grad`;
 * residual of the matrix-function approximation, which controls both value and gradient
-  error (paper, Thm 2; DESIGN §2 "which residual to trust"):
+  error (paper, Thm 2; docs/mathematics.md, "Which residual to trust"):
   ``ρ = β_m |e_m^T f(T) e_1| ‖v‖`` and its dimensionless relative form
   ``ρ / (‖v‖ ‖f(T) e_1‖ θ)`` (``θ`` the smallest Ritz value for positive-definite functions).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
-from linear_operator.utils.errors import NotPSDError
 from torch import Tensor
 
 from .lanczos import LanczosResult
@@ -39,13 +29,14 @@ from .matfuncs import MatrixFunction
 __all__ = [
     "RitzDecomposition",
     "ritz_decomposition",
-    "check_domain",
+    "select_columns",
     "quadrature",
     "function_residual",
     "apply_function",
     "f_T_e1",
-    "gradient_factors",
 ]
+
+_Cols = TypeVar("_Cols", LanczosResult, "RitzDecomposition")
 
 
 @dataclass(frozen=True)
@@ -75,23 +66,6 @@ def ritz_decomposition(res: LanczosResult) -> RitzDecomposition:
     values, vectors = torch.linalg.eigh(T)
     weights = res.start_norm.to(cdt).unsqueeze(-1) * vectors[..., 0, :]
     return RitzDecomposition(values, vectors, weights)
-
-
-def check_domain(fn: MatrixFunction, ritz: RitzDecomposition, name: str = "A") -> None:
-    """Raise ``NotPSDError`` when ``fn`` needs a positive definite operator and a Ritz value is ≤ 0.
-
-    Ritz values lie in the convex hull of the spectrum, so a nonpositive one proves (up to
-    round-off) that the operator is not positive definite. One host sync.
-    """
-    if not fn.requires_positive or ritz.values.numel() == 0:  # empty batch: nothing to check
-        return
-    lam_min = ritz.values[..., 0].min()
-    if not bool(lam_min > 0):
-        raise NotPSDError(
-            f"f={fn.name!r} needs a positive definite operator, but Lanczos found a Ritz value "
-            f"{float(lam_min):.3e} <= 0 for {name}: {name} is indefinite or singular. "
-            "Add jitter/noise to the diagonal or use float64."
-        )
 
 
 def quadrature(fn: MatrixFunction, ritz: RitzDecomposition) -> Tensor:
@@ -142,44 +116,14 @@ def apply_function(fn: MatrixFunction, ritz: RitzDecomposition, res: LanczosResu
     return (fe1.unsqueeze(-2) @ res.basis).squeeze(-2).mT
 
 
-def gradient_factors(
-    fn: MatrixFunction,
-    ritz: RitzDecomposition,
-    res: LanczosResult,
-    *,
-    compress_tol: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward-only gradient factors ``(left, right)`` with ``Q M Q^T = left @ right^T`` per column.
-
-    Returns ``left, right`` of shape ``(*batch, k, n, r)`` (basis dtype) and the dropped
-    share ``Σ_dropped |D| / Σ |D|`` per column ``(*batch, k)``. ``r`` is the smallest rank
-    whose dropped share is ``≤ compress_tol`` for every column (``compress_tol = 0`` keeps
-    every nonzero direction).
-    """
-    F = fn.divided_differences(ritz.values)  # (*batch, k, m, m)
-    a = ritz.weights
-    gamma = F * (a.unsqueeze(-1) * a.unsqueeze(-2))
-    S = ritz.vectors
-    M = S @ gamma @ S.mT
-    M = 0.5 * (M + M.mT)
-    D, U = torch.linalg.eigh(M)  # (*batch, k, m), (*batch, k, m, m)
-    order = D.abs().argsort(dim=-1, descending=True)
-    D = D.gather(-1, order)
-    U = U.gather(-1, order.unsqueeze(-2).expand_as(U))
-    mass = D.abs()
-    total = mass.sum(-1, keepdim=True)
-    # share of |D| left out when keeping the first r directions, r = 0..m
-    kept = torch.cumsum(mass, dim=-1)
-    dropped = torch.cat(
-        [torch.ones_like(total), 1.0 - kept / torch.where(total > 0, total, torch.ones_like(total))], -1
-    )
-    dropped = torch.where(total > 0, dropped, torch.zeros_like(dropped))
-    dropped = dropped.clamp_min(0)
-    need = (dropped > compress_tol).sum(-1).clamp_max(D.shape[-1])  # first r with dropped <= tol
-    r = max(int(need.max()), 1) if need.numel() else 1  # one host sync, outside the Lanczos loop
-    dropped_share = dropped.gather(-1, torch.full_like(need, r).unsqueeze(-1)).squeeze(-1)
-    W = U[..., :r].to(res.basis.dtype)  # (*batch, k, m, r)
-    Dr = D[..., :r].to(res.basis.dtype)
-    right = res.basis.mT @ W  # (*batch, k, n, r)
-    left = right * Dr.unsqueeze(-2)
-    return left, right, dropped_share
+def select_columns(obj: _Cols, start: int, stop: int) -> _Cols:
+    """Columns ``start:stop`` of a :class:`LanczosResult` or :class:`RitzDecomposition` (views, no copies)."""
+    if isinstance(obj, LanczosResult):
+        dims = {"basis": -3, "alpha": -2, "beta": -2, "residual_vector": -1}
+    else:
+        dims = {"values": -2, "vectors": -3, "weights": -2}
+    out = {}
+    for field in dataclasses.fields(obj):
+        t = getattr(obj, field.name)
+        out[field.name] = None if t is None else t.narrow(dims.get(field.name, -1), start, stop - start)
+    return type(obj)(**out)

@@ -1,0 +1,294 @@
+r"""The GP routine: ``r^T K^{-1} r`` and ``log det K`` with forward-only Lanczos gradients.
+
+Same inputs, outputs and shapes as :meth:`linear_operator.LinearOperator.inv_quad_logdet`.
+The exact-GP marginal log likelihood (docs/mathematics.md, "The GP marginal likelihood")
+
+.. math::
+    \log p(y) = -\tfrac12 r^\top K^{-1} r - \tfrac12 \log\det K - \tfrac n2 \log 2\pi,\quad r = y - μ,
+
+needs both terms and their gradients. Forward: ONE batched Lanczos run on the preconditioned
+operator ``B = C^{-1} K C^{-T}`` (:mod:`lanczos_grad_gp.core.preconditioners`) over the columns
+``[C^{-1} r, z_1, …, z_N]`` — ``f = 1/x`` for the right-hand sides, ``f = log`` for the
+Rademacher probes of stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017;
+Dong et al. 2017):
+
+.. math::
+    \log\det K \approx \log\det P + \frac1N \sum_p z_p^\top \log(B) z_p.
+
+Backward: the forward-only gradient (Singh, Barros & Li, arXiv:2605.12801) of every column,
+mapped back by ``C^{-T}`` and handed to ONE ``K._bilinear_derivative`` call — the same
+contract as linear_operator's ``InvQuadLogdet``; plus ``∂/∂r = 2 K^{-1} r`` so mean-function
+parameters train. For ``n ≤ num_probes`` the probes are the unit vectors and the trace is exact.
+
+The forward is the shared engine (:func:`lanczos_grad_gp.core.engine.lanczos_forward`) with two
+column groups (``1/x`` for the right-hand sides, ``log`` for the probes); diagnostics come back
+as values and are published through :func:`lanczos_grad_gp.record_calls`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor
+
+from .. import settings
+from .._compat import operator_matmul
+from ..core.engine import ColumnGroup, EngineOptions, lanczos_forward
+from ..core.matfuncs import BUILTIN_FUNCTIONS
+from ..core.preconditioners import Preconditioner, select_preconditioner
+from ..core.probes import gp_probes, unit_probes
+from ..diagnostics import record, record_calls, warn_not_converged
+from .forward_only import GradientPayload, attach_forward_only_gradient, flatten_factors
+from .validation import broadcast_rhs, check_operator
+
+__all__ = ["inv_quad_logdet", "InvQuadLogdetInfo", "GPOptions", "record_calls"]
+
+_INV = BUILTIN_FUNCTIONS["inv"]
+_LOG = BUILTIN_FUNCTIONS["log"]
+
+
+@dataclass(frozen=True)
+class GPOptions:
+    """Resolved numerical options of one :func:`inv_quad_logdet` call (from :mod:`.settings`)."""
+
+    max_iter: int
+    tol: float
+    num_probes: int
+    probe_seed: int | None
+    max_preconditioner_size: int
+    preconditioner_tol: float
+    reorthogonalize: bool
+    check_every: int
+
+    @staticmethod
+    def from_settings(dtype: torch.dtype) -> GPOptions:
+        tol = settings.lanczos_tol.value()
+        if tol is None:
+            tol = 1e-4 if dtype == torch.float64 else 1e-3
+        return GPOptions(
+            max_iter=settings.max_lanczos_iter.value(),
+            tol=tol,
+            num_probes=settings.num_probes.value(),
+            probe_seed=settings.probe_seed.value(),
+            max_preconditioner_size=settings.max_preconditioner_size.value(),
+            preconditioner_tol=settings.preconditioner_tol.value(),
+            reorthogonalize=settings.reorthogonalize.on(),
+            check_every=settings.check_every.value(),
+        )
+
+
+@dataclass(frozen=True)
+class InvQuadLogdetInfo:
+    """Diagnostics of one call (collected by :func:`record_calls`).
+
+    Attributes:
+        n: matrix size.
+        batch_shape: the operator's batch shape.
+        num_probes: probe vectors used (``n`` when the trace was exact).
+        exact_trace: the probes were the unit vectors (``n ≤ num_probes``).
+        preconditioner_rank: rank of the pivoted-Cholesky factor (0: diagonal only / none).
+        iterations: ``(*batch, t + N)`` Lanczos steps per column (rhs first, then probes).
+        inv_quad_relative_residual: ``(*batch, t)`` CG-type relative residual of ``B^{-1} w``.
+        logdet_relative_residual: ``(*batch, N)`` relative residual of ``log(B) z``.
+        logdet_standard_error: ``(*batch)`` standard error of the probe average (0 if exact).
+        converged: every column's relative residual reached ``tol`` (or it broke down).
+        options: the options in force.
+        attainable: the estimated round-off floor of every column is below ``tol``. The GP routine's
+            tolerance is on the residual (``converged``); this flag reports, without a warning, that
+            the dtype limits the accuracy further (common in float32 at large ``n``, where the probe
+            noise dominates anyway).
+        route: which computation ran: ``"lanczos"`` (this routine).
+    """
+
+    n: int
+    batch_shape: torch.Size
+    num_probes: int
+    exact_trace: bool
+    preconditioner_rank: int
+    iterations: Tensor
+    inv_quad_relative_residual: Tensor
+    logdet_relative_residual: Tensor
+    logdet_standard_error: Tensor
+    converged: bool
+    options: GPOptions
+    attainable: bool = True
+    route: str = "lanczos"
+
+
+def _preconditioned_matmul(A: LinearOperator, precond: Preconditioner, x: Tensor) -> Tensor:
+    """``B x = C^{-1} K C^{-T} x``."""
+    return precond.inv_root(operator_matmul(A, precond.inv_root_t(x)))
+
+
+def _forward(
+    A: LinearOperator, rhs: Tensor | None, want_logdet: bool, options: GPOptions
+) -> tuple[Tensor, Tensor, InvQuadLogdetInfo]:
+    """Values (with forward-only gradients attached) and diagnostics of one call."""
+    n, batch, dtype, device = A.shape[-1], A.batch_shape, A.dtype, A.device
+    matrix_args = A.representation()
+    grad_on = torch.is_grad_enabled()
+    want_matrix = grad_on and any(t.requires_grad for t in matrix_args)
+    want_rhs = grad_on and rhs is not None and rhs.requires_grad
+    with torch.no_grad():
+        precond = select_preconditioner(
+            A,
+            max_rank=options.max_preconditioner_size,
+            trace_tol=options.preconditioner_tol,
+            override=settings.preconditioner_override.value(),
+        )
+    t = 0 if rhs is None else rhs.shape[-1]
+    exact_trace = want_logdet and n <= options.num_probes
+    groups, starts = [], []
+    if t:
+        starts.append(precond.inv_root(rhs))  # w = C^{-1} r: autograd maps ∂/∂w back to r
+        groups.append(ColumnGroup(_INV, t))
+    num = 0
+    if want_logdet:
+        if exact_trace:
+            z = unit_probes(batch, n, dtype=dtype, device=device)
+        else:
+            z = gp_probes(batch, n, options.num_probes, seed=options.probe_seed, dtype=dtype, device=device)
+        num = z.shape[-1]
+        starts.append(z)
+        groups.append(ColumnGroup(_LOG, num))
+    start = torch.cat(starts, -1)  # (*batch, n, t + N)
+    engine_options = EngineOptions(
+        options.max_iter, options.tol, options.reorthogonalize, options.check_every, compress_tol=options.tol
+    )
+    result = lanczos_forward(
+        functools.partial(_preconditioned_matmul, A, precond),
+        start.detach(),
+        groups,
+        engine_options,
+        want_factors=want_matrix,
+        want_applied=want_rhs,
+        what="the (preconditioned) covariance",
+    )
+    values = result.values
+    if want_matrix or want_rhs:
+        payload = GradientPayload(None, None, None, result.applied)
+        if want_matrix:
+            with torch.no_grad():
+                left, right, owner = flatten_factors(result.factors, [0, t][: len(result.factors)])
+                payload = GradientPayload(precond.inv_root_t(left), precond.inv_root_t(right), owner, result.applied)
+        values = attach_forward_only_gradient(values, payload, start, A.representation_tree(), matrix_args)
+    inv_quad = values[..., :t]
+    logdet = torch.zeros(batch, dtype=dtype, device=device)
+    se = torch.zeros(batch, dtype=dtype, device=device)
+    if want_logdet:
+        per_probe = values[..., t:]  # (*batch, N)
+        weight = 1.0 if exact_trace else 1.0 / num
+        logdet = precond.logdet.to(dtype) + weight * per_probe.sum(-1)
+        if not exact_trace and num > 1:
+            se = per_probe.detach().std(-1) / num**0.5
+        elif not exact_trace:  # one probe: the spread of a Rademacher estimate is unknown, not 0
+            se = torch.full(batch, float("nan"), dtype=dtype, device=device)
+    d = result.diagnostics
+    info = InvQuadLogdetInfo(
+        n=n,
+        batch_shape=batch,
+        num_probes=num,
+        exact_trace=exact_trace,
+        preconditioner_rank=precond.rank,
+        iterations=d.iterations,
+        inv_quad_relative_residual=d.relative_residual[..., :t],
+        logdet_relative_residual=d.relative_residual[..., t:],
+        logdet_standard_error=se,
+        converged=bool(((d.relative_residual <= options.tol) | d.broke_down).all()),
+        options=options,
+        attainable=bool(d.floor_ok.all()),
+    )
+    return inv_quad, logdet, info
+
+
+def _warn_if_not_converged(info: InvQuadLogdetInfo) -> None:
+    """Never return a far-from-converged result silently (GPyTorch warns the same way when CG stops early).
+
+    Warns when the iteration cap stopped a column with a relative residual above ``10 · tol``
+    (``info.converged`` reports the strict test; the gradient error is about twice the residual,
+    so a residual within 10x of a 1e-4 tolerance is still far more accurate than the probe noise).
+    ``lanczos_tol(0)`` asks for a fixed number of steps (no stopping test): nothing to warn about.
+    """
+    if info.converged or info.options.tol == 0:
+        return
+    rels = torch.cat([info.inv_quad_relative_residual, info.logdet_relative_residual], -1)
+    worst = float(rels.max()) if rels.numel() else 0.0
+    if worst <= 10 * info.options.tol:
+        return
+    floor = "" if info.attainable else " (and the round-off floor of this conditioning exceeds tol)"
+    warn_not_converged(
+        "inv_quad_logdet",
+        f"Lanczos stopped after {int(info.iterations.max())} steps (n={info.n}) with relative residual "
+        f"{worst:.2e} (tol {info.options.tol:.1e}){floor}",
+        "Increase lgg.settings.max_lanczos_iter or max_preconditioner_size, raise the noise, or use float64.",
+        stacklevel=3,
+    )
+
+
+def _validate(A: Any, rhs: Tensor | None, logdet: bool) -> tuple[LinearOperator, Tensor | None, bool]:
+    if logdet is not None and not isinstance(logdet, bool):
+        raise ValueError(f"logdet must be a bool; got {logdet!r}.")
+    # type, square, n >= 1, float dtype, finite data/hyperparameters, symmetric if dense (before any work)
+    A = check_operator(A, "A", " (the covariance operator)")
+    if rhs is None:
+        if not logdet:
+            raise ValueError("Either inv_quad_rhs or logdet=True must be given.")
+        return A, None, False
+    if not isinstance(rhs, Tensor):
+        raise TypeError(f"inv_quad_rhs must be a torch.Tensor; got {type(rhs).__name__}.")
+    if rhs.dtype != A.dtype or (A.device is not None and rhs.device != A.device):
+        raise ValueError(
+            f"inv_quad_rhs ({rhs.dtype}, {rhs.device}) must match A's dtype and device ({A.dtype}, {A.device})."
+        )
+    n = A.shape[-1]
+    is_vector = A.dim() == 2 and rhs.dim() == 1
+    r = rhs.unsqueeze(-1) if is_vector else rhs
+    if r.dim() != A.dim() or r.shape[-2] != n:
+        raise ValueError(
+            f"inv_quad_rhs must have shape (*batch, n) for a 2-D A or (*batch, n, k) with n = {n}; "
+            f"got {tuple(rhs.shape)} for A of shape {tuple(A.shape)}."
+        )
+    A, r = broadcast_rhs(A, r, "inv_quad_rhs", " (check the training targets and the mean function)")
+    return A, r, is_vector
+
+
+def inv_quad_logdet(
+    A: LinearOperator | Tensor,
+    inv_quad_rhs: Tensor | None = None,
+    logdet: bool = False,
+    reduce_inv_quad: bool = True,
+) -> tuple[Tensor, Tensor]:
+    r"""``(inv_quad, logdet)`` of a positive definite ``A`` with forward-only Lanczos gradients.
+
+    Drop-in for :meth:`linear_operator.LinearOperator.inv_quad_logdet`.
+
+    Args:
+        A: ``(*batch, n, n)`` positive definite LinearOperator (or tensor).
+        inv_quad_rhs: ``None``, ``(n,)`` for a 2-D ``A``, or ``(*batch, n, k)``.
+        logdet: whether to compute ``log det A``.
+        reduce_inv_quad: return ``tr(R^T A^{-1} R)`` (``(*batch)``) instead of
+            ``diag(R^T A^{-1} R)`` (``(*batch, k)``).
+
+    Returns:
+        ``(inv_quad, logdet)``; an absent term is returned as zeros of the batch shape.
+
+    Numerical options come from :mod:`lanczos_grad_gp.settings` (iteration cap, tolerance,
+    probes and their seed, preconditioner size). Raises ``NotPSDError`` when Lanczos proves
+    ``A`` is not positive definite and ``ValueError`` for bad shapes/dtypes/NaN.
+    """
+    A, rhs, is_vector = _validate(A, inv_quad_rhs, logdet)
+    options = GPOptions.from_settings(A.dtype)
+    inv_quad, ld, info = _forward(A, rhs, logdet, options)
+    record(info)
+    _warn_if_not_converged(info)
+    if rhs is None:
+        inv_quad = torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)
+    elif reduce_inv_quad:
+        inv_quad = inv_quad.sum(-1)
+    elif is_vector:
+        inv_quad = inv_quad.squeeze(-1)
+    return inv_quad, ld

@@ -19,10 +19,13 @@ __all__ = [
     "added_diag_parts",
     "bilinear_derivative",
     "delayed_error",
+    "expand_batch",
     "get_entries",
     "kernel_operator_kwargs",
     "lazy_kernel_parts",
+    "operator_diagonal",
     "operator_matmul",
+    "transpose_nonbatch",
     "validate_mvn_sample",
 ]
 
@@ -40,6 +43,21 @@ def bilinear_derivative(op: LinearOperator, left: Tensor, right: Tensor) -> tupl
 def get_entries(op: LinearOperator, row: Tensor, col: Tensor, *batch: Tensor) -> Tensor:
     """Entries ``op[..., row, col]`` without evaluating the operator (``_get_indices``)."""
     return op._get_indices(row, col, *batch)
+
+
+def operator_diagonal(op: LinearOperator) -> Tensor:
+    """``op``'s diagonal through its ``_diagonal`` (no batch-shape bookkeeping)."""
+    return op._diagonal()
+
+
+def expand_batch(op: LinearOperator, batch_shape: Any) -> LinearOperator:
+    """``op`` lazily expanded to ``batch_shape`` (``_expand_batch``)."""
+    return op._expand_batch(batch_shape)
+
+
+def transpose_nonbatch(op: LinearOperator) -> LinearOperator:
+    """``op`` with its last two dimensions transposed (``_transpose_nonbatch``)."""
+    return op._transpose_nonbatch()
 
 
 def added_diag_parts(op: Any) -> tuple[LinearOperator, LinearOperator] | None:

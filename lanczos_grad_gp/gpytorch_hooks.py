@@ -26,6 +26,7 @@ import math
 import threading
 from typing import Any
 
+import torch
 from gpytorch.distributions import MultivariateNormal
 from linear_operator.operators import LinearOperator
 from torch import Tensor
@@ -55,6 +56,10 @@ def _lanczos_log_prob(self: MultivariateNormal, value: Tensor) -> Tensor:
 
         covar = fuse_stationary_kernel(covar)
     covar = covar.evaluate_kernel()
+    dtype = torch.promote_types(diff.dtype, covar.dtype)  # as stock: float32 data with a float64 model
+    if covar.dtype != dtype:
+        covar = covar.to(dtype)
+    diff = diff.to(dtype)
     # the operator's own method: the flag-gated base-class hook below, or an exact structured override
     inv_quad, logdet = covar.inv_quad_logdet(inv_quad_rhs=diff.unsqueeze(-1), logdet=True)
     return -0.5 * (inv_quad + logdet + diff.size(-1) * math.log(2 * math.pi))

@@ -15,6 +15,7 @@ import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator, to_linear_operator
 from torch import Tensor
 
+from .._compat import operator_matmul
 from ..core.probes import rademacher, randn, resolve_generator
 
 __all__ = ["PreparedOperator", "prepare_operator", "resolve_generator", "randn", "rademacher", "check_k"]
@@ -118,7 +119,7 @@ def prepare_operator(operator: object, name: str = "operator") -> PreparedOperat
 
         def matmul(X: Tensor) -> Tensor:
             with torch.no_grad():
-                return op._matmul(X)
+                return operator_matmul(op, X)
 
         return PreparedOperator(matmul, op.shape[-1], op.dtype, op.device, op.batch_shape, op)
     if isinstance(operator, tuple) and len(operator) in (2, 4) and callable(operator[0]):

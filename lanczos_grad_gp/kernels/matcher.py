@@ -80,6 +80,9 @@ def fuse_stationary_kernel(covar: Any) -> Any:
         os_ = scale.outputscale  # (*batch)
     else:
         os_ = torch.ones(inner.batch_shape, dtype=ls.dtype, device=ls.device)
+    # GPyTorch's kernels promote (x / ℓ): float32 inputs with a float64 model give a float64 matrix
+    dtype = torch.promote_types(torch.promote_types(x1.dtype, x2.dtype), torch.promote_types(ls.dtype, os_.dtype))
+    x1, x2, ls, os_ = (t.to(dtype) for t in (x1, x2, ls, os_))
     try:
         op = StationaryKernelLinearOperator(x1, x2, lengthscale=ls, outputscale=os_, nu=nu)
     except RuntimeError:  # shapes GPyTorch broadcasts differently: keep its own path

@@ -14,6 +14,14 @@ import torch
 from linear_operator.operators import LinearOperator, to_linear_operator
 from torch import Tensor
 
+from .._compat import (
+    bilinear_derivative,
+    expand_batch,
+    get_entries,
+    operator_diagonal,
+    operator_matmul,
+    transpose_nonbatch,
+)
 from ..functions.inv_quad_logdet import inv_quad_logdet
 
 __all__ = ["LanczosGradLinearOperator"]
@@ -35,26 +43,26 @@ class LanczosGradLinearOperator(LinearOperator):
 
     # --- delegated structure -------------------------------------------------------------
     def _matmul(self, rhs: Tensor) -> Tensor:
-        return self.base._matmul(rhs)
+        return operator_matmul(self.base, rhs)
 
     def _size(self) -> torch.Size:
         return self.base.shape
 
     def _transpose_nonbatch(self) -> LinearOperator:
         # Mathematically symmetric, but the base's tensors need not be (their gradients differ by a transpose).
-        return self.__class__(self.base._transpose_nonbatch())
+        return self.__class__(transpose_nonbatch(self.base))
 
     def _diagonal(self) -> Tensor:
-        return self.base._diagonal()
+        return operator_diagonal(self.base)
 
     def _get_indices(self, row_index, col_index, *batch_indices) -> Tensor:
-        return self.base._get_indices(row_index, col_index, *batch_indices)
+        return get_entries(self.base, row_index, col_index, *batch_indices)
 
     def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        return self.__class__(self.base._expand_batch(batch_shape))
+        return self.__class__(expand_batch(self.base, batch_shape))
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
-        return self.base._bilinear_derivative(left_vecs, right_vecs)
+        return bilinear_derivative(self.base, left_vecs, right_vecs)
 
     def to_dense(self) -> Tensor:
         return self.base.to_dense()

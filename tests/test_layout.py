@@ -88,7 +88,9 @@ def test_core_imports_no_gpytorch():
         "            raise ImportError('gpytorch is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import importlib.util, types\n"
-        f"pkg = types.ModuleType('lanczos_grad_gp'); pkg.__path__ = [{str(PKG)!r}]; sys.modules['lanczos_grad_gp'] = pkg\n"
+        "pkg = types.ModuleType('lanczos_grad_gp')\n"
+        f"pkg.__path__ = [{str(PKG)!r}]\n"
+        "sys.modules['lanczos_grad_gp'] = pkg\n"
         "import lanczos_grad_gp.core.engine, lanczos_grad_gp.core.preconditioners, lanczos_grad_gp.core.probes\n"
         "print('ok')\n"
     )

@@ -154,6 +154,11 @@ def _is_vector(v: Tensor, a_dim: int, n: int) -> bool:
 def _prepare(A: LinearOperator | Tensor, v: Tensor, name: str = "v") -> tuple[LinearOperator, Tensor, bool]:
     """Validate shapes, broadcast batches, return ``(operator, v as (*batch, n, k), was_vector)``."""
     A = check_operator(A, "A")  # type, square, n >= 1, float32/64, finite data, symmetric if dense
+    return _prepare_vector(A, v, name)
+
+
+def _prepare_vector(A: LinearOperator, v: Tensor, name: str) -> tuple[LinearOperator, Tensor, bool]:
+    """``v`` checked against the validated operator ``A`` and broadcast with it."""
     if not isinstance(v, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(v).__name__}.")
     if v.dtype != A.dtype:
@@ -330,7 +335,7 @@ def bilinear_form(
     fn = get_matrix_function(f)
     options = LanczosOptions(max_iter, tol, reorthogonalize, check_every, compress_tol)
     op, uu, was_vector = _prepare(A, u, "u")
-    _, vv, _ = _prepare(op, v, "v")
+    _, vv, _ = _prepare_vector(op, v, "v")
     k = uu.shape[-1]
     nu, nv = safe_norm(uu, dim=-2, keepdim=True), safe_norm(vv, dim=-2, keepdim=True)  # (*batch, 1, k)
     uh = uu / torch.where(nu > 0, nu, torch.ones_like(nu))

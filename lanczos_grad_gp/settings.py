@@ -150,10 +150,10 @@ class lanczos_tol(_thread_local_value):
     """Relative function-residual tolerance at which a Lanczos column stops.
 
     ``None`` means 1e-4 in float64 and 1e-3 in float32. The GP routine reports ``converged`` against
-    this tolerance and raises a ``NumericalWarning`` when a column ends above ``10 · tol`` (within 10×
-    the gradient error stays far below the noise of the probes). At 1e-3 in float64 single gradient
-    components were measured off by up to 3% (protein, n = 1500); at 1e-4 the gradient error stays
-    below the noise of 10 probes.
+    this tolerance and raises a ``NumericalWarning`` whenever a column does not meet it. ``0`` runs
+    ``max_lanczos_iter`` steps without a stopping test (and warns unless they reach round-off). At
+    1e-3 in float64 single gradient components were measured off by up to 3% (protein, n = 1500); at
+    1e-4 the gradient error stays below the noise of 10 probes.
     (Default: None)
     """
 

@@ -131,6 +131,16 @@ def _elementwise(g: ScalarFn, name: str, role: str) -> ScalarFn:
                 f"the matrix function {role}={name!r} must be elementwise: map a tensor of shape {tuple(x.shape)} "
                 f"to a floating tensor of the same shape; got {got}."
             )
+        if x.numel() > 1:  # same shape but not elementwise (a cumsum, a sum broadcast back): the last entry differs
+            last = g(x.reshape(-1)[-1:])
+            if isinstance(last, Tensor) and last.shape == (1,):
+                want = y.reshape(-1)[-1:]
+                ok = torch.isclose(last, want, rtol=1e-5, atol=0) | ~torch.isfinite(want)
+                if not bool(ok.all()):
+                    raise ValueError(
+                        f"the matrix function {role}={name!r} must be elementwise: f(x)[-1] = {float(want):.6g} "
+                        f"but f(x[-1:]) = {float(last):.6g}."
+                    )
         return y
 
     return checked

@@ -43,68 +43,16 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from .._compat import operator_matmul
-from ..core.engine import ColumnGroup, EngineOptions, default_tol, lanczos_forward
+from ..core.engine import ColumnGroup, default_tol, lanczos_forward
 from ..core.forward_grad import factor_frobenius_norm
 from ..core.matfuncs import MatrixFunction, get_matrix_function
 from ..core.norms import safe_norm
 from ..diagnostics import warn_not_converged
 from .forward_only import GradientPayload, attach_forward_only_gradient, flatten_factors
+from .options import LanczosOptions
 from .validation import broadcast_rhs, check_operator
 
 __all__ = ["quad_form", "bilinear_form", "QuadFormInfo", "LanczosOptions", "default_tol"]
-
-
-@dataclass(frozen=True)
-class LanczosOptions:
-    """Numerical options of :func:`quad_form` / :func:`bilinear_form`.
-
-    Attributes:
-        max_iter: cap on Lanczos steps (``None``: ``min(10 n, 1000)``). It may exceed ``n``: without
-            reorthogonalization the recurrence can need more than ``n`` steps.
-        tol: stop a column when its relative function residual is ``≤ tol`` (``None``:
-            :func:`default_tol`; ``0``: run ``max_iter`` steps without a stopping test).
-        reorthogonalize: full reorthogonalization (off by default; not needed for stability).
-        check_every: steps between convergence checks (host syncs).
-        compress_tol: share of ``Σ|D|`` of the gradient matrix ``M`` that may be dropped when
-            compressing the gradient factors (``None``: ``tol / 100``; the GP routine uses ``tol``,
-            where the probe noise dominates).
-    """
-
-    max_iter: int | None = None
-    tol: float | None = None
-    reorthogonalize: bool = False
-    check_every: int = 10
-    compress_tol: float | None = None
-
-    def __post_init__(self) -> None:
-        def is_int(x: Any) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def is_real(x: Any) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-        if self.max_iter is not None and (not is_int(self.max_iter) or self.max_iter < 1):
-            raise ValueError(f"max_iter must be a positive integer or None; got {self.max_iter!r}.")
-        if self.tol is not None and not (is_real(self.tol) and 0 <= self.tol < 1):
-            raise ValueError(f"tol must be a float in [0, 1) or None; got {self.tol!r}.")
-        if not is_int(self.check_every) or self.check_every < 1:
-            raise ValueError(f"check_every must be a positive integer; got {self.check_every!r}.")
-        if self.compress_tol is not None and not (is_real(self.compress_tol) and 0 <= self.compress_tol < 1):
-            raise ValueError(f"compress_tol must be a float in [0, 1) or None; got {self.compress_tol!r}.")
-        if not isinstance(self.reorthogonalize, bool):
-            raise ValueError(f"reorthogonalize must be a bool; got {self.reorthogonalize!r}.")
-
-    def resolved(self, n: int, dtype: torch.dtype) -> tuple[int, float, float]:
-        """``(max_iter, tol, compress_tol)`` with defaults filled in for size ``n`` and ``dtype`` (no cap at ``n``)."""
-        max_iter = min(10 * n, 1000) if self.max_iter is None else self.max_iter
-        tol = default_tol(dtype) if self.tol is None else self.tol
-        compress = tol / 100 if self.compress_tol is None else self.compress_tol
-        return max_iter, tol, compress
-
-    def engine_options(self, n: int, dtype: torch.dtype) -> EngineOptions:
-        """The resolved :class:`~lanczos_grad_gp.core.engine.EngineOptions`."""
-        max_iter, tol, compress = self.resolved(n, dtype)
-        return EngineOptions(max_iter, tol, self.reorthogonalize, self.check_every, compress)
 
 
 @dataclass(frozen=True)
@@ -114,21 +62,23 @@ class QuadFormInfo:
     Attributes:
         iterations: Lanczos steps taken (the larger of the two forms for a bilinear form).
         residual: ``β_m |e_m^T f(T) e_1| ‖v‖``, the residual of ``f(A) v``'s approximation.
-        relative_residual: ``β_m |e_m^T f(T) e_1| / (‖f(T) e_1‖ θ)``, dimensionless (``θ`` the
-            smallest Ritz value for log/inv/sqrt/invsqrt, the largest ``|θ|`` otherwise); the
-            stopping quantity. See :func:`lanczos_grad_gp.core.quadrature.function_residual`.
+        relative_residual: the stopping quantity ``max(ρ, ρ')``: ``ρ = β_m |e_m^T f(T) e_1| / (‖f(T) e_1‖ θ)``
+            (dimensionless; ``θ`` the smallest Ritz value for log/inv/sqrt/invsqrt, the largest ``|θ|``
+            otherwise; :func:`lanczos_grad_gp.core.quadrature.function_residual`) and ``ρ'`` the same
+            for ``f'``, which the gradient converges with.
         value_error_estimate: an ESTIMATE (not a rigorous bound) of ``|u^T f(A) v − value|``: the
             truncation term ``‖v‖² ‖f(T) e_1‖ · relative_residual`` plus a round-off floor
             ``c ε (‖A‖ ‖Γ‖_* + √m |value|)`` (:mod:`lanczos_grad_gp.core.engine`). Its measured
             coverage of the true error is in ``benchmarks/README.md``.
         gradient_error_estimate: an ESTIMATE of the relative Frobenius error of the gradient with
-            respect to ``A``: ``2 · relative_residual`` (arXiv:2605.12801, Thm 2: the error is
-            proportional to the residual) plus the share dropped by factor compression plus a
-            round-off floor ``c ε κ``. For a bilinear form the two forms' absolute errors are added
-            and divided by the norm of the combined gradient. ``NaN`` when no gradient factors
-            were formed (no gradient needed and ``return_info`` not asked).
-        converged: the residual met ``tol`` (or the column broke down: exact) and the round-off
-            floor does not exceed ``tol``. When False a ``NumericalWarning`` was raised.
+            respect to ``A``: ``c_f · relative_residual`` (arXiv:2605.12801, Thm 2: the error is
+            proportional to the residual; ``c_f = 2``, 8 for ``sqrt``) plus the share dropped by
+            factor compression plus a round-off floor ``4 ε (√n + κ_f)``. For a bilinear form the
+            two forms' absolute errors are added and divided by the norm of the combined gradient.
+            ``NaN`` when no gradient factors were formed (no gradient needed, ``return_info`` not asked).
+        converged: the stopping quantity met ``tol`` (or the column broke down: exact) and a tenth of
+            the round-off floors is within ``max(tol, 10 ε)`` (docs/mathematics.md, "Error estimates
+            and diagnostics"). When False a ``NumericalWarning`` was raised.
         broke_down: the start vector's Krylov space was invariant (the result is exact up to round-off).
         gradient_rank: columns per vector handed to ``_bilinear_derivative``.
     """
@@ -230,7 +180,7 @@ def _quad_forms(
 
 
 def _warn(where: str, info: QuadFormInfo, tol: float) -> None:
-    if tol == 0 or info.converged.numel() == 0 or bool(info.converged.all()):
+    if info.converged.numel() == 0 or bool(info.converged.all()):
         return
     bad = ~info.converged
     worst = float(info.relative_residual[bad].max())
@@ -337,22 +287,38 @@ def bilinear_form(
     op, uu, was_vector = _prepare(A, u, "u")
     _, vv, _ = _prepare_vector(op, v, "v")
     k = uu.shape[-1]
-    nu, nv = safe_norm(uu, dim=-2, keepdim=True), safe_norm(vv, dim=-2, keepdim=True)  # (*batch, 1, k)
-    uh = uu / torch.where(nu > 0, nu, torch.ones_like(nu))
-    vh = vv / torch.where(nv > 0, nv, torch.ones_like(nv))
+    # Polarization holds for ANY positive scales s_u, s_v; the norms, detached (constants of the
+    # gradient, 1 for a zero vector), keep ∂/∂u = f(A) v exact, also at u = 0.
+    with torch.no_grad():
+        nu, nv = safe_norm(uu, dim=-2, keepdim=True), safe_norm(vv, dim=-2, keepdim=True)  # (*batch, 1, k)
+        nu, nv = torch.where(nu > 0, nu, torch.ones_like(nu)), torch.where(nv > 0, nv, torch.ones_like(nv))
+    uh, vh = uu / nu, vv / nv
     pair = torch.cat([uh + vh, uh - vh], dim=-1)  # (*batch, n, 2k)
     forms = _quad_forms(op, pair, fn, options, factors_for_info=return_info)
     scale = 0.25 * (nu * nv).squeeze(-2)  # (*batch, k)
     out = scale * (forms.value[..., :k] - forms.value[..., k:])
-    info = _combine(forms, scale.detach(), k)
+    tol_used = options.resolved(op.shape[-1], op.dtype)[1]
+    info = _combine(forms, scale, k, fn, tol_used)
     _warn("bilinear_form", info, options.resolved(op.shape[-1], op.dtype)[1])
     if was_vector:
         out, info = out.squeeze(-1), _squeeze_info(info)
     return (out, info) if return_info else out
 
 
-def _combine(forms: _Forms, scale: Tensor, k: int) -> QuadFormInfo:
-    """Diagnostics of ``scale · (q₊ − q₋)`` from those of the two quadratic forms ``q₊, q₋``."""
+def _gradient_within(gerr: Tensor, left: Tensor | None, fn: MatrixFunction, tol: float) -> Tensor:
+    """``gerr ≤ 10 c_f max(tol, 10 ε)`` where the combined gradient estimate is known (factors formed)."""
+    if left is None:
+        return torch.ones_like(gerr, dtype=torch.bool)
+    eps = torch.finfo(left.dtype).eps
+    return ~(gerr > 10 * fn.gradient_constant * max(tol, 10 * eps))  # NaN counts as within (unknown)
+
+
+def _combine(forms: _Forms, scale: Tensor, k: int, fn: MatrixFunction, tol: float) -> QuadFormInfo:
+    """Diagnostics of ``scale · (q₊ − q₋)`` from those of the two quadratic forms ``q₊, q₋``.
+
+    Converged only if both forms are AND the combined gradient estimate, amplified by the
+    cancellation of ``G₊ − G₋``, stays within ``10 c_f max(tol, 10 ε)`` (the forms' own verdict slack).
+    """
     info = forms.info
 
     def split(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -380,7 +346,7 @@ def _combine(forms: _Forms, scale: Tensor, k: int) -> QuadFormInfo:
         relative_residual=torch.maximum(rp, rm),
         value_error_estimate=scale * (vp + vm),
         gradient_error_estimate=gerr.to(info.gradient_error_estimate.dtype),
-        converged=info.converged[..., :k] & info.converged[..., k:],
+        converged=info.converged[..., :k] & info.converged[..., k:] & _gradient_within(gerr, forms.left, fn, tol),
         broke_down=info.broke_down[..., :k] & info.broke_down[..., k:],
         gradient_rank=info.gradient_rank,
     )

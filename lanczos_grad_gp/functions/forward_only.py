@@ -57,14 +57,14 @@ class _ForwardOnlyGradient(torch.autograd.Function):
     ) -> Tensor:
         ctx.payload = payload
         ctx.representation_tree = representation_tree
-        ctx.save_for_backward(*matrix_args)
+        ctx.save_for_backward(starts, *matrix_args)  # starts too: the double-backward guard anchors on them
         return values.clone()
 
     @staticmethod
     @first_order_only  # double backward raises a clear RuntimeError, never a silently wrong value
     def backward(ctx: Any, grad_values: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         payload: GradientPayload = ctx.payload
-        matrix_args = ctx.saved_tensors
+        matrix_args = ctx.saved_tensors[1:]
         start_grad = None
         if payload.applied is not None and ctx.needs_input_grad[3]:
             start_grad = 2.0 * payload.applied * grad_values.unsqueeze(-2)  # (*batch, n, k)

@@ -166,10 +166,12 @@ def lanczos_tridiag(
     if not allow_zero and not bool(nonzero.all()):
         raise ValueError("v0 has an all-zero start column: Lanczos needs a nonzero start vector.")
 
-    basis = v0.new_zeros(*batch, k, m, n)
-    alpha = v0.new_zeros(*batch, k, m)
-    beta = v0.new_zeros(*batch, k, m)
-    active_hist = torch.zeros(*batch, k, m + 1, dtype=torch.bool, device=v0.device)
+    # buffers grow by doubling (memory follows the steps taken, not max_iter)
+    cap = min(m, max(64, 2 * check_every))
+    basis = v0.new_zeros(*batch, k, cap, n)
+    alpha = v0.new_zeros(*batch, k, cap)
+    beta = v0.new_zeros(*batch, k, cap)
+    active_hist = torch.zeros(*batch, k, cap + 1, dtype=torch.bool, device=v0.device)
     stopped = torch.zeros(*batch, k, dtype=torch.bool, device=v0.device)
     broke = torch.zeros(*batch, k, dtype=torch.bool, device=v0.device)
 
@@ -184,6 +186,8 @@ def lanczos_tridiag(
     steps = m
     next_check = check_every
     for j in range(m):
+        if j == basis.shape[-2]:  # grow (a Python int comparison: no host sync)
+            basis, alpha, beta, active_hist = _grow(basis, alpha, beta, active_hist, min(m, 2 * j))
         basis[..., j, :] = q.mT
         active_hist[..., j] = active
         w = matmul(q)  # (*batch, n, k)
@@ -239,6 +243,18 @@ def lanczos_tridiag(
                 break
     _raise_if_nonfinite(finite)
     return _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, steps, resid_vec, scale)
+
+
+def _grow(
+    basis: Tensor, alpha: Tensor, beta: Tensor, active_hist: Tensor, cap: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loop's buffers with room for ``cap`` steps (zero-padded copies)."""
+    extra = cap - basis.shape[-2]
+    basis = torch.cat([basis, basis.new_zeros(*basis.shape[:-2], extra, basis.shape[-1])], -2)
+    alpha = torch.cat([alpha, alpha.new_zeros(*alpha.shape[:-1], extra)], -1)
+    beta = torch.cat([beta, beta.new_zeros(*beta.shape[:-1], extra)], -1)
+    active_hist = torch.cat([active_hist, active_hist.new_zeros(*active_hist.shape[:-1], extra)], -1)
+    return basis, alpha, beta, active_hist
 
 
 def _describe(w: object) -> str:

@@ -1,4 +1,4 @@
-"""``python -m lanczos_grad_gp``: the command line of :mod:`lanczos_grad_gp.cli`."""
+"""``python -m lanczos_grad_gp``: the command line of :mod:`lanczos_grad_gp.app.cli`."""
 
 import sys
 

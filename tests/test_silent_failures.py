@@ -150,3 +150,81 @@ def test_second_derivative_raises_even_with_allow_unused():
         (g,) = torch.autograd.grad(value, theta, create_graph=True)
         with pytest.raises(RuntimeError, match="first-order only"):
             torch.autograd.grad(g, theta, allow_unused=True)
+
+
+# found in review ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, None])
+def test_one_tolerance_controls_the_gradient_too(tol):
+    """v close to the top eigenvector: the value converges long before the gradient (whose divided
+    differences weight the small eigenvalues by f'); the stop rule includes f''s residual."""
+    n = 40
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.logspace(0, 6, n, dtype=torch.float64)
+    A0 = (Q * lam) @ Q.T
+    A0 = 0.5 * (A0 + A0.T)
+    v = Q[:, -1] + 1e-3 * torch.randn(n, generator=g, dtype=torch.float64)
+    a = Q.T @ v
+    li, lj = lam[:, None], lam[None, :]
+    F = torch.where((li - lj).abs() > 1e-12 * li, (lam.log()[:, None] - lam.log()[None, :]) / (li - lj), 1 / li)
+    G = Q @ (F * (a[:, None] * a[None, :])) @ Q.T
+    A = A0.clone().requires_grad_(True)
+    value, info = lgg.quad_form(A, v, "log", tol=tol, return_info=True)
+    (grad,) = torch.autograd.grad(value, A)
+    err = float((0.5 * (grad + grad.T) - G).norm() / G.norm())
+    assert bool(info.converged)
+    assert err <= float(info.gradient_error_estimate)  # before: 0.97 at tol 1e-2, converged, no warning
+    assert err <= 2 * (tol or 1e-8)
+
+
+def test_bilinear_gradient_at_zero_vector():
+    A = _spd(6, torch.linspace(1.0, 3.0, 6, dtype=torch.float64), seed=8)
+    w = torch.randn(6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    u = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    (g_u,) = torch.autograd.grad(lgg.bilinear_form(A, u, w, "log"), u)
+    expected = _dense_f(A, "log") @ w  # ∂/∂u u^T f(A) w = f(A) w, also at u = 0
+    assert float((g_u - expected).norm() / expected.norm()) < 1e-10
+
+
+def test_double_backward_through_the_vectors_raises():
+    A = _spd(5, torch.linspace(1.0, 2.0, 5, dtype=torch.float64), seed=10)
+    g = torch.Generator().manual_seed(11)
+    u = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(5, generator=g, dtype=torch.float64)
+    for form, targets in (
+        (lambda: lgg.quad_form(A, u, "log"), (u,)),
+        (lambda: lgg.bilinear_form(A, u, w, "log"), (u, w)),
+    ):
+        (g_u,) = torch.autograd.grad(form(), u, create_graph=True)
+        for target in targets:
+            with pytest.raises(RuntimeError, match="first-order only"):
+                torch.autograd.grad((c * g_u).sum(), target, allow_unused=True)
+
+
+@pytest.mark.parametrize("f", [lambda x: x.cumsum(-1), lambda x: x.sum() * torch.ones_like(x)])
+def test_shape_preserving_but_not_elementwise_function_is_rejected(f):
+    A = _spd(8, torch.linspace(1.0, 2.0, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="elementwise"):
+        lgg.quad_form(A, torch.ones(8, dtype=torch.float64), f)
+
+
+def test_fixed_steps_that_miss_warn():
+    A = _spd(50, torch.logspace(0, 4, 50, dtype=torch.float64), seed=12)
+    with pytest.warns(NumericalWarning):
+        _, info = lgg.quad_form(A, torch.ones(50, dtype=torch.float64), "inv", tol=0.0, max_iter=3, return_info=True)
+    assert not bool(info.converged)
+
+
+def test_gp_routine_warns_whenever_it_reports_not_converged():
+    A = _spd(200, torch.logspace(-4, 0, 200, dtype=torch.float64), seed=13)
+    rhs = torch.ones(200, 1, dtype=torch.float64)
+    with lgg.settings.max_lanczos_iter(5), lgg.record_calls() as calls, pytest.warns(NumericalWarning):
+        lgg.inv_quad_logdet(A, rhs, logdet=True)
+    assert not calls[0].converged
+
+
+def test_empty_rhs_returns_empty_like_stock():
+    A = 2 * torch.eye(4, dtype=torch.float64)
+    iq, ld = lgg.inv_quad_logdet(A, torch.zeros(4, 0, dtype=torch.float64), logdet=False, reduce_inv_quad=False)
+    assert iq.shape == (0,)

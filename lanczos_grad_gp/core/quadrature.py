@@ -1,4 +1,4 @@
-r"""Lanczos quadrature and the forward-only gradient factors (pure functions).
+r"""Lanczos quadrature: Ritz decomposition, Gauss quadrature values, ``f(A) v`` and function residuals (pure).
 
 Given a Lanczos run from ``v`` (``A Q = Q T + β_m q_{m+1} e_m^T``, ``T = S diag(λ) S^T``):
 

@@ -178,7 +178,8 @@ def _forward(
         payload = GradientPayload(None, None, None, result.applied)
         if want_matrix:
             with torch.no_grad():
-                left, right, owner = flatten_factors(result.factors, [0, t][: len(result.factors)])
+                offsets = [sum(g.count for g in groups[:i]) for i in range(len(groups))]
+                left, right, owner = flatten_factors(result.factors, offsets)
                 payload = GradientPayload(precond.inv_root_t(left), precond.inv_root_t(right), owner, result.applied)
         values = attach_forward_only_gradient(values, payload, start, A.representation_tree(), matrix_args)
     inv_quad = values[..., :t]
@@ -278,6 +279,9 @@ def inv_quad_logdet(
     ``A`` is not positive definite and ``ValueError`` for bad shapes/dtypes/NaN.
     """
     A, rhs, is_vector = _validate(A, inv_quad_rhs, logdet)
+    if rhs is not None and rhs.shape[-1] == 0 and not logdet:  # no columns: nothing to compute (as stock)
+        empty = rhs.new_zeros(rhs.shape[:-2] if reduce_inv_quad else (*rhs.shape[:-2], 0))
+        return empty, torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)
     options = GPOptions.from_settings(A.dtype)
     inv_quad, ld, info = _forward(A, rhs, logdet, options)
     record(info)

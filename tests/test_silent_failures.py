@@ -196,8 +196,8 @@ def test_double_backward_through_the_vectors_raises():
         (lambda: lgg.quad_form(A, u, "log"), (u,)),
         (lambda: lgg.bilinear_form(A, u, w, "log"), (u, w)),
     ):
-        (g_u,) = torch.autograd.grad(form(), u, create_graph=True)
         for target in targets:
+            (g_u,) = torch.autograd.grad(form(), u, create_graph=True)
             with pytest.raises(RuntimeError, match="first-order only"):
                 torch.autograd.grad((c * g_u).sum(), target, allow_unused=True)
 

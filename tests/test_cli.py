@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lanczos_grad_gp.app.cli import format_table, main, parse_methods
+from lanczos_grad_gp.app.cli import format_ms, format_table, main, parse_methods, split_error
 from lanczos_grad_gp.app.datasets import load_default
 from lanczos_grad_gp.app.training import METHODS, RunResult, fit_and_evaluate, method_context
 
@@ -78,7 +78,11 @@ def test_custom_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         (["--n", "-5"], "--n must be a positive integer"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--precond-rank", "-1"], "--precond-rank must be a non-negative integer"),
-        (["--test-fraction", "1.5"], "--test-fraction must be in [0, 1)"),
+        (["--test-fraction", "1.5"], "--test-fraction must be in (0, 1)"),
+        (["--test-fraction", "0"], "--test-fraction must be in (0, 1)"),
+        (["--n", "5"], "--n: 5 rows give 5 training and 0 test rows at --test-fraction 0.1"),
+        (["--n", "5"], "at least 6 rows"),
+        (["--n", "2", "--test-fraction", "0.5"], "1 training and 1 test rows"),
         (["--dtype", "float16"], "invalid choice"),
         (["--device", "nonsense"], "--device"),
     ],
@@ -98,6 +102,41 @@ def test_malformed_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         main(["--data", str(path)])
     assert excinfo.value.code == 2
     assert "comma-separated numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str) -> None:
+    path = tmp_path / "holes.csv"
+    path.write_text("\n".join(f"{i},{2 * i},{bad if i == 3 else i}" for i in range(1, 21)) + "\n")
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--data", str(path), "--no-progress"])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "row(s) 3 " in err and "column(s) 3 (column 3 is the target)" in err
+    assert "drop or impute" in err
+
+
+def test_data_file_too_small_for_a_test_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "four.csv"
+    path.write_text("1,2\n2,3\n3,5\n4,4\n")
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--data", str(path), "--no-progress"])
+    assert excinfo.value.code == 2
+    assert "four: 4 rows give 4 training and 0 test rows" in capsys.readouterr().err
+
+
+def test_split_error() -> None:
+    assert split_error(6, 0.1) is None and split_error(1030, 0.1) is None
+    assert "at least 6 rows" in (split_error(5, 0.1) or "")
+    assert "at least 4 rows" in (split_error(3, 0.5) or "")
+
+
+def test_format_ms() -> None:
+    assert format_ms(5.11) == "5110" and format_ms(12.0) == "12000"
+    assert [format_ms(s) for s in (0.1234, 0.01234, 0.001234, 0.0)] == ["123", "12.3", "1.23", "0.00"]
+    assert format_ms(0.09999) == "100" and format_ms(0.009999) == "10.0"
+    assert format_ms(float("nan")) == "-"
+    assert all("e" not in format_ms(10.0**k) for k in range(-6, 5))
 
 
 def test_python_dash_m_subprocess(tmp_path: Path) -> None:

@@ -14,8 +14,10 @@ from lanczos_grad_gp.app.datasets import (
     bundled_data_path,
     load_default,
     load_uci,
+    min_rows,
     read_table,
     shared_data_dir,
+    split_sizes,
 )
 
 
@@ -124,6 +126,39 @@ def test_malformed_files(tmp_path: Path, contents: str, message: str) -> None:
     path.write_text(contents)
     with pytest.raises(ValueError, match=message):
         load_uci(path)
+
+
+@pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-Infinity", "1e400"])
+def test_non_finite_entries_are_rejected(tmp_path: Path, table: torch.Tensor, bad: str) -> None:
+    lines = _write_csv(tmp_path / "ok.csv", table).read_text().splitlines()
+    lines[4] = ",".join([*lines[4].split(",")[:-1], bad])  # target of row 5
+    lines[11] = ",".join([lines[11].split(",")[0], bad, *lines[11].split(",")[2:]])  # column 2 of row 12
+    path = tmp_path / "bad.csv.gz"
+    path.write_bytes(gzip.compress("\n".join(lines).encode()))
+    with pytest.raises(ValueError) as excinfo:
+        load_uci(path)
+    message = str(excinfo.value)
+    assert str(path) in message and "NaN or Inf" in message
+    assert "row(s) 5, 12 " in message and "column(s) 2, 4 (column 4 is the target)" in message
+    assert "drop or impute" in message
+
+
+def test_non_finite_message_lists_the_first_rows(tmp_path: Path, table: torch.Tensor) -> None:
+    table = table.clone()
+    table[10:30, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"row\(s\) 11, 12, 13, 14, 15, \.\.\. \(20 rows in all\)") as excinfo:
+        load_uci(_write_csv(tmp_path / "many.csv", table))
+    assert "column(s) 1;" in str(excinfo.value)
+
+
+def test_split_sizes_and_min_rows() -> None:
+    assert split_sizes(5, 0.1) == (5, 0) and split_sizes(20, 0.1) == (18, 2)
+    for fraction in (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99):
+        count = next(n for n in range(10_000) if split_sizes(n, fraction)[0] >= 2 and split_sizes(n, fraction)[1] >= 1)
+        assert min_rows(fraction) == count, fraction
+    assert min_rows(0.0, min_test=0) == 2
+    with pytest.raises(ValueError, match="no row count"):
+        min_rows(0.0)
 
 
 def test_bad_arguments(tmp_path: Path, table: torch.Tensor) -> None:

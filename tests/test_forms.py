@@ -360,9 +360,9 @@ def test_bilinear_without_reorthogonalization_no_worse_than_its_quadratic_forms(
 @pytest.mark.parametrize("name", ["log", "inv"])
 def test_tol_stops_early_at_a_check(name, check_every, dtype):
     n = 200
-    # float32: the round-off floor 4ε(√n + κ_f), κ_f ≤ 2 cond (f = 1/x), must stay below tol = 1e-4, i.e.
-    # cond ≲ 97 at n = 200; cond 30 gives ≈ 3.5e-5 (at cond 1e3 it does not, and the library rightly
-    # reports the tolerance as unattainable in float32)
+    # float32: a tenth of the gradient's round-off floor 8ε(√n + κ_f), κ_f ≤ 2 cond (f = 1/x), must stay
+    # within tol = 1e-4 (core/engine.py), i.e. cond ≲ 500 at n = 200; cond 30 leaves a wide margin (at
+    # cond 1e4 it does not hold, and the library rightly reports the tolerance as unattainable)
     cond = 1e3 if dtype == torch.float64 else 30.0
     B0 = spd_matrix(n, cond, seed=5, dtype=dtype)
     v = randn(n, seed=12, dtype=dtype)

@@ -15,6 +15,7 @@ wall time per training step, and the fitted hyperparameters on the *z-scored* sc
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -22,13 +23,22 @@ from pathlib import Path
 
 import torch
 
-from .datasets import DEFAULT_DATASET, Dataset, available_datasets, bundled_data_path, load_uci
+from .datasets import (
+    DEFAULT_DATASET,
+    Dataset,
+    available_datasets,
+    bundled_data_path,
+    load_uci,
+    min_rows,
+    split_sizes,
+)
 from .training import METHODS, RunResult, fit_and_evaluate
 
-__all__ = ["build_parser", "format_table", "main", "parse_methods"]
+__all__ = ["build_parser", "format_ms", "format_table", "main", "parse_methods", "split_error"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DEFAULT_METHODS = "ours,cholesky"
+_MIN_TRAIN, _MIN_TEST = 2, 1
 
 
 def parse_methods(values: Sequence[str] | None) -> list[str]:
@@ -96,8 +106,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--precond-rank must be a non-negative integer; got {args.precond_rank}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive; got {args.lr}")
-    if not 0 <= args.test_fraction < 1:
-        parser.error(f"--test-fraction must be in [0, 1); got {args.test_fraction}")
+    if not 0 < args.test_fraction < 1:
+        parser.error(f"--test-fraction must be in (0, 1) (test metrics need test rows); got {args.test_fraction}")
+    if args.n is not None and (message := split_error(args.n, args.test_fraction)):
+        parser.error(f"--n: {message}")
     try:
         args.device = torch.device(args.device)
     except RuntimeError as exc:
@@ -110,6 +122,25 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
 
 
+def split_error(num_rows: int, test_fraction: float) -> str | None:
+    """Why ``num_rows`` rows give fewer than 2 training or 1 test row at ``test_fraction``; ``None`` if not.
+
+    Example:
+        >>> split_error(6, 0.1) is None
+        True
+        >>> print(split_error(5, 0.1))
+        5 rows give 5 training and 0 test rows at --test-fraction 0.1; need 2 training and 1 test row: at least 6 rows
+    """
+    num_train, num_test = split_sizes(num_rows, test_fraction)
+    if num_train >= _MIN_TRAIN and num_test >= _MIN_TEST:
+        return None
+    minimum = min_rows(test_fraction, min_train=_MIN_TRAIN, min_test=_MIN_TEST)
+    return (
+        f"{num_rows} rows give {num_train} training and {num_test} test rows at --test-fraction {test_fraction}; "
+        f"need {_MIN_TRAIN} training and {_MIN_TEST} test row: at least {minimum} rows"
+    )
+
+
 def load_data(args: argparse.Namespace) -> Dataset:
     """The data set the arguments ask for, on the requested device and dtype."""
     source = args.data if args.data is not None else bundled_data_path()
@@ -119,6 +150,20 @@ def load_data(args: argparse.Namespace) -> Dataset:
 
 def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
+
+
+def format_ms(seconds: float) -> str:
+    """A duration in milliseconds, fixed notation with about 3 significant digits; ``-`` for NaN.
+
+    Example:
+        >>> [format_ms(s) for s in (5.11, 0.1234, 0.01234, 0.001234, float("nan"))]
+        ['5110', '123', '12.3', '1.23', '-']
+    """
+    if math.isnan(seconds):
+        return "-"
+    ms = 1e3 * seconds
+    decimals = 0 if ms >= 99.95 else 1 if ms >= 9.995 else 2
+    return f"{ms:.{decimals}f}"
 
 
 def _diag(result: RunResult, key: str) -> str:
@@ -143,7 +188,7 @@ def format_table(results: Sequence[RunResult]) -> str:
         ("test RMSE", [_fmt(r.metrics.rmse) if r.metrics else "-" for r in results]),
         ("test NLL", [_fmt(r.metrics.nll) if r.metrics else "-" for r in results]),
         ("final train loss (-MLL/n)", [_fmt(r.losses[-1]) if r.losses else "-" for r in results]),
-        ("time per step [ms]", [_fmt(1e3 * r.time_per_step, 3) for r in results]),
+        ("time per step [ms]", [format_ms(r.time_per_step) for r in results]),
         ("noise", [_fmt(r.hyperparameters.get("noise", float("nan"))) for r in results]),
         ("outputscale", [_fmt(r.hyperparameters.get("outputscale", float("nan"))) for r in results]),
         ("mean lengthscale", [_fmt(r.hyperparameters.get("mean_lengthscale", float("nan"))) for r in results]),
@@ -182,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = load_data(args)
     except (OSError, ValueError) as exc:
         parser.error(f"--data: {exc}")
+    if message := split_error(data.num_train + data.num_test, args.test_fraction):
+        parser.error(f"--data: {data.name}: {message}")
     print(describe(data, args), flush=True)
     start = time.perf_counter()
     results = [

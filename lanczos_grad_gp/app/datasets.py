@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -33,12 +34,16 @@ __all__ = [
     "bundled_data_path",
     "load_default",
     "load_uci",
+    "min_rows",
+    "non_finite_message",
     "read_table",
     "shared_data_dir",
+    "split_sizes",
 ]
 
 DEFAULT_DATASET = "concrete"
 _ENV_DATA_DIR = "LGG_DATA_DIR"
+_MAX_REPORTED_ROWS = 5
 
 
 @dataclass(frozen=True)
@@ -145,17 +150,37 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[Path, str]:
     raise FileNotFoundError(f"Data file not found: {str(path)!r}.")
 
 
+def non_finite_message(path: str | os.PathLike, cells: list[tuple[int, int]], num_columns: int) -> str:
+    """Error message for non-finite ``(line, column)`` cells (both 1-based) of the table at ``path``.
+
+    Example:
+        >>> print(non_finite_message("d.csv", [(3, 2), (7, 2)], num_columns=4))
+        d.csv: NaN or Inf in row(s) 3, 7 (file lines), column(s) 2; drop or impute those rows first.
+    """
+    lines = sorted({line for line, _ in cells})
+    columns = sorted({column for _, column in cells})
+    shown = ", ".join(map(str, lines[:_MAX_REPORTED_ROWS]))
+    if len(lines) > _MAX_REPORTED_ROWS:
+        shown += f", ... ({len(lines)} rows in all)"
+    target = f" (column {num_columns} is the target)" if num_columns in columns else ""
+    return (
+        f"{path}: NaN or Inf in row(s) {shown} (file lines), column(s) {', '.join(map(str, columns))}{target}; "
+        "drop or impute those rows first."
+    )
+
+
 def read_table(path: str | os.PathLike, dtype: torch.dtype = torch.float64) -> Tensor:
     """Read a header-less comma-separated numeric table (``.csv`` or gzip ``.csv.gz``) as a 2-D tensor.
 
     Raises:
-        ValueError: a non-numeric entry, ragged rows, or an empty file.
+        ValueError: a non-numeric or non-finite (NaN, Inf) entry, ragged rows, or an empty file.
     """
     path = Path(path)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     rows: list[list[float]] = []
+    non_finite: list[tuple[int, int]] = []
     for lineno, line in enumerate(io.StringIO(raw.decode("utf-8")), start=1):
         line = line.strip()
         if not line:
@@ -166,9 +191,46 @@ def read_table(path: str | os.PathLike, dtype: torch.dtype = torch.float64) -> T
             raise ValueError(f"{path}:{lineno}: expected comma-separated numbers without a header.") from None
         if len(rows[-1]) != len(rows[0]):
             raise ValueError(f"{path}:{lineno}: {len(rows[-1])} columns, but the first row has {len(rows[0])}.")
+        non_finite += [(lineno, col) for col, value in enumerate(rows[-1], start=1) if not math.isfinite(value)]
     if not rows:
         raise ValueError(f"{path}: no data rows.")
+    if non_finite:
+        raise ValueError(non_finite_message(path, non_finite, len(rows[0])))
     return torch.tensor(rows, dtype=dtype)
+
+
+def split_sizes(num_rows: int, test_fraction: float) -> tuple[int, int]:
+    """``(n_train, n_test)`` of :func:`load_uci`'s random split: the last ``round(test_fraction · num_rows)`` test.
+
+    Example:
+        >>> split_sizes(5, 0.1), split_sizes(6, 0.1), split_sizes(1030, 0.1)
+        ((5, 0), (5, 1), (927, 103))
+    """
+    num_test = round(test_fraction * num_rows)
+    return num_rows - num_test, num_test
+
+
+def min_rows(test_fraction: float, *, min_train: int = 2, min_test: int = 1) -> int:
+    """Smallest row count whose :func:`split_sizes` has ``min_train`` training and ``min_test`` test rows.
+
+    Example:
+        >>> min_rows(0.1), min_rows(0.5), min_rows(0.9)
+        (6, 4, 16)
+
+    Raises:
+        ValueError: ``test_fraction`` outside ``(0, 1)`` with ``min_test > 0``, or outside ``[0, 1)``.
+    """
+    if not (0 < test_fraction < 1 if min_test > 0 else 0 <= test_fraction < 1):
+        raise ValueError(f"no row count gives {min_test} test rows at test_fraction {test_fraction!r}.")
+    # lower bounds from |round(x) - x| <= 1/2, then step up over the rounding (both sizes grow with num_rows)
+    num_rows = max(min_train + min_test, math.floor((min_train - 0.5) / (1 - test_fraction)))
+    if test_fraction > 0:
+        num_rows = max(num_rows, math.floor((min_test - 0.5) / test_fraction))
+    while True:
+        num_train, num_test = split_sizes(num_rows, test_fraction)
+        if num_train >= min_train and num_test >= min_test:
+            return num_rows
+        num_rows += 1
 
 
 def _test_mask(data_path: Path, split: int, num_rows: int) -> Tensor:
@@ -239,7 +301,7 @@ def load_uci(
     if split is not None:
         is_test = _test_mask(path, split, table.shape[0])[perm]
     else:
-        num_test = round(test_fraction * rows.shape[0])
+        num_test = split_sizes(rows.shape[0], test_fraction)[1]
         is_test = torch.arange(rows.shape[0]) >= rows.shape[0] - num_test
     train, test = rows[~is_test], rows[is_test]
     if train.shape[0] < 2:

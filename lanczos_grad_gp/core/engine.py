@@ -81,7 +81,7 @@ __all__ = [
 #: ``c_v`` of the value round-off floor (module docstring)
 VALUE_FLOOR_CONSTANT = 4.0
 #: ``c_g`` of the gradient round-off floor (module docstring)
-GRADIENT_FLOOR_CONSTANT = 4.0
+GRADIENT_FLOOR_CONSTANT = 8.0
 
 MatmulFn = Callable[[Tensor], Tensor]
 

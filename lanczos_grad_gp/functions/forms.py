@@ -73,7 +73,7 @@ class QuadFormInfo:
         gradient_error_estimate: an ESTIMATE of the relative Frobenius error of the gradient with
             respect to ``A``: ``c_f · relative_residual`` (arXiv:2605.12801, Thm 2: the error is
             proportional to the residual; ``c_f = 2``, 8 for ``sqrt``) plus the share dropped by
-            factor compression plus a round-off floor ``4 ε (√n + κ_f)``. For a bilinear form the
+            factor compression plus a round-off floor ``8 ε (√n + κ_f)``. For a bilinear form the
             two forms' absolute errors are added and divided by the norm of the combined gradient.
             ``NaN`` when no gradient factors were formed (no gradient needed, ``return_info`` not asked).
         converged: the stopping quantity met ``tol`` (or the column broke down: exact) and a tenth of

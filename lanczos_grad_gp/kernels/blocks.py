@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .profiles import _matern_profile_
+from .profiles import get_profile
 
 __all__ = [
     "UnitBlocks",
@@ -68,6 +68,7 @@ class UnitBlocks:
         self.right_t = torch.cat([u2, one2, n2sq], -1).mT  # (*batch, D+2, N)
         self.same = same_inputs(x1, x2)
         self.nu = nu
+        self.profile = get_profile(nu)
         self.shape = (u1.shape[-2], u2.shape[-2])
 
     def _zero_diagonal(self, rows: slice, out: Tensor) -> None:
@@ -82,11 +83,11 @@ class UnitBlocks:
 
     def fill(self, rows: slice, out: Tensor) -> Tensor:
         """Write ``g(r²)`` of rows ``rows`` into ``out`` (``(*batch, len(rows), N)``) and return it."""
-        if self.nu is None:
+        if self.profile.gaussian:
             torch.matmul(self.half_left[..., rows, :], self.right_t, out=out)  # −r²/2
             self._zero_diagonal(rows, out)
             return out.clamp_max_(0).exp_()
-        return _matern_profile_(self.fill_sq(rows, out), self.nu)
+        return self.profile.fill_(self.fill_sq(rows, out))
 
 
 def fill_matrix(blocks: UnitBlocks, block_entries: int | None = None) -> Tensor:

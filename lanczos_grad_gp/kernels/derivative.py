@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from .blocks import UnitBlocks, row_blocks, sum_to_shape
-from .profiles import kernel_profile
 
 __all__ = ["stationary_bilinear_derivative"]
 
@@ -60,6 +59,7 @@ def stationary_bilinear_derivative(
     """
     with torch.no_grad():
         blocks = UnitBlocks(x1, x2, lengthscale, nu)
+        gaussian = blocks.profile.gaussian
         u1, u2 = blocks.u1, blocks.u2  # (*batch, M, D), (*batch, N, D)
         batch = torch.broadcast_shapes(u1.shape[:-2], u2.shape[:-2], left.shape[:-2])
         m, n, d = u1.shape[-2], u2.shape[-2], u1.shape[-1]
@@ -77,12 +77,12 @@ def stationary_bilinear_derivative(
             u1b = u1[..., rows, :]  # (*batch, b, D)
             blk = buf[..., : rows.stop - rows.start, :]
             gram = left[..., rows, :] @ rt  # (*batch, b, N): rows of G = L R^T
-            if nu is None:  # RBF: g' = -g/2, so W = -(G ∘ g)/2; the -1/2 is applied once at the end
+            if gaussian:  # RBF: g' = -g/2, so W = -(G ∘ g)/2; the -1/2 is applied once at the end
                 w = gram.mul_(blocks.fill(rows, blk))
                 if grad_s is not None:
                     grad_s += w.sum((-2, -1))
             else:
-                g, dg = kernel_profile(blocks.fill_sq(rows, blk), nu, derivative=want_w)
+                g, dg = blocks.profile.profile(blocks.fill_sq(rows, blk), want_w)
                 if grad_s is not None:
                     grad_s += (gram * g).sum((-2, -1))
                 w = gram.mul_(dg) if dg is not None else gram  # W_b = G_b ∘ g'(r²_b)
@@ -96,7 +96,7 @@ def stationary_bilinear_derivative(
                 gx1[..., rows, :] = u1b * row_w.unsqueeze(-1) - wu2
             if wt_u1 is not None:
                 wt_u1 += w.mT @ u1b
-        w_scale = -0.5 if nu is None else 1.0
+        w_scale = -0.5 if gaussian else 1.0
         factor = (2 * w_scale) * s / lengthscale  # (*batch, 1, D) or (*batch, 1, 1)
         g_x1 = None if gx1 is None else sum_to_shape(factor * gx1, x1.shape)
         g_x2 = None

@@ -67,21 +67,75 @@ def matern_covar(x1: Tensor, x2: Tensor, *, lengthscale: Tensor, outputscale: Te
     return outputscale[..., None, None] * poly * e
 
 
+def _rbf(sq: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+    g = torch.exp(-0.5 * sq)
+    return g, (-0.5 * g if derivative else None)
+
+
+def _matern12(sq: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+    r = sq.sqrt()
+    e = torch.exp(-r)
+    if not derivative:
+        return e, None
+    r_min = torch.finfo(sq.dtype).eps ** 0.5  # see kernel_profile
+    return e, torch.where(r > r_min, -0.5 * e / r.clamp_min(r_min), torch.zeros_like(e))
+
+
+def _matern32(sq: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+    r = sq.sqrt()
+    e = torch.exp(-math.sqrt(3.0) * r)
+    return (1 + math.sqrt(3.0) * r) * e, (-1.5 * e if derivative else None)
+
+
+def _matern52(sq: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+    r = sq.sqrt()
+    e = torch.exp(-math.sqrt(5.0) * r)
+    lin = 1 + math.sqrt(5.0) * r
+    return (lin + (5.0 / 3.0) * sq) * e, ((-5.0 / 6.0) * lin * e if derivative else None)
+
+
+def _rbf_(sq: Tensor) -> Tensor:
+    return sq.mul_(-0.5).exp_()
+
+
+def _matern12_(sq: Tensor) -> Tensor:
+    return sq.sqrt_().neg_().exp_()
+
+
+def _matern32_(sq: Tensor) -> Tensor:
+    t = sq.sqrt_().mul_(math.sqrt(3.0))  # t = √3 r
+    e = torch.exp(-t)
+    return t.add_(1).mul_(e)  # (1 + √3 r) e^{-√3 r}
+
+
+def _matern52_(sq: Tensor) -> Tensor:
+    t = sq.sqrt_().mul_(math.sqrt(5.0))  # t = √5 r
+    e = torch.exp(-t)
+    return t.addcmul_(t, t, value=1.0 / 3.0).add_(1).mul_(e)  # (1 + √5 r + 5r²/3) e^{-√5 r}
+
+
 @dataclass(frozen=True)
 class StationaryProfile:
-    """One closed-form stationary kernel.
+    """One closed-form stationary kernel: everything the fused operator and its gradient need.
 
     Attributes:
         name: short name.
         kernel_class: the GPyTorch kernel class name it stands for (``"RBFKernel"``, ``"MaternKernel"``).
         nu: Matérn smoothness (``None`` for RBF); also the registry key.
+        profile: ``(r², derivative) -> (g(r²), g'(r²) or None)``, elementwise.
+        fill_: ``r² -> g(r²)`` written in place over its argument (the products' hot path).
         covar: dense, autograd-capable ``covar(x1, x2, *, lengthscale, outputscale) -> (*b, M, N)``.
+        gaussian: ``g = e^{-r²/2}`` (RBF): blocks of ``−r²/2`` come from one GEMM, one ``exp_`` from
+            ``g``, and ``g' = −g/2`` lets the derivative reuse ``g``.
     """
 
     name: str
     kernel_class: str
     nu: float | None
+    profile: Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]
+    fill_: Callable[[Tensor], Tensor]
     covar: Callable[..., Tensor]
+    gaussian: bool = False
 
 
 def _matern(nu: float) -> Callable[..., Tensor]:
@@ -91,12 +145,12 @@ def _matern(nu: float) -> Callable[..., Tensor]:
     return covar
 
 
-#: the registry: key ``nu`` (``None`` for RBF) -> profile
+#: the registry: key ``nu`` (``None`` for RBF) -> profile. A new closed-form kernel is one entry here.
 PROFILES: dict[float | None, StationaryProfile] = {
-    None: StationaryProfile("rbf", "RBFKernel", None, rbf_covar),
-    0.5: StationaryProfile("matern12", "MaternKernel", 0.5, _matern(0.5)),
-    1.5: StationaryProfile("matern32", "MaternKernel", 1.5, _matern(1.5)),
-    2.5: StationaryProfile("matern52", "MaternKernel", 2.5, _matern(2.5)),
+    None: StationaryProfile("rbf", "RBFKernel", None, _rbf, _rbf_, rbf_covar, gaussian=True),
+    0.5: StationaryProfile("matern12", "MaternKernel", 0.5, _matern12, _matern12_, _matern(0.5)),
+    1.5: StationaryProfile("matern32", "MaternKernel", 1.5, _matern32, _matern32_, _matern(1.5)),
+    2.5: StationaryProfile("matern52", "MaternKernel", 2.5, _matern52, _matern52_, _matern(2.5)),
 }
 
 
@@ -116,34 +170,4 @@ def kernel_profile(sq: Tensor, nu: float | None, *, derivative: bool = True) -> 
     contributes ``O(r)``); pairs closer than ``r_min = sqrt(eps)`` are dropped (``g' = 0``, error
     ``≤ r_min/2`` per pair) because the expanded contraction would amplify their rounding by ``1/r``.
     """
-    if nu is None:
-        g = torch.exp(-0.5 * sq)
-        return g, (-0.5 * g if derivative else None)
-    r = sq.sqrt()
-    if nu == 0.5:
-        e = torch.exp(-r)
-        if not derivative:
-            return e, None
-        r_min = torch.finfo(sq.dtype).eps ** 0.5
-        return e, torch.where(r > r_min, -0.5 * e / r.clamp_min(r_min), torch.zeros_like(e))
-    if nu == 1.5:
-        e = torch.exp(-math.sqrt(3.0) * r)
-        return (1 + math.sqrt(3.0) * r) * e, (-1.5 * e if derivative else None)
-    if nu == 2.5:
-        e = torch.exp(-math.sqrt(5.0) * r)
-        lin = 1 + math.sqrt(5.0) * r
-        return (lin + (5.0 / 3.0) * sq) * e, ((-5.0 / 6.0) * lin * e if derivative else None)
-    raise ValueError(f"nu must be None (RBF), 0.5, 1.5 or 2.5; got {nu!r}.")
-
-
-def _matern_profile_(sq: Tensor, nu: float) -> Tensor:
-    """Matérn ``g(r²)`` written over ``sq`` (in place; one temporary block). RBF: :meth:`_UnitBlocks.fill`."""
-    t = sq.sqrt_()
-    if nu == 0.5:
-        return t.neg_().exp_()
-    c = math.sqrt(3.0) if nu == 1.5 else math.sqrt(5.0)
-    t.mul_(c)  # t = c r
-    e = torch.exp(-t)
-    if nu == 1.5:
-        return t.add_(1).mul_(e)  # (1 + √3 r) e^{-√3 r}
-    return t.addcmul_(t, t, value=1.0 / 3.0).add_(1).mul_(e)  # (1 + √5 r + 5r²/3) e^{-√5 r}
+    return get_profile(nu).profile(sq, derivative)

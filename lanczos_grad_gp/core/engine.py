@@ -266,8 +266,9 @@ def lanczos_forward(
             ritz_g, res_g = select_columns(ritz, a, b), select_columns(res, a, b)
             _check_positive(fn, ritz_g, what)
             value = quadrature(fn, ritz_g)  # compute dtype
-            absolute, _ = function_residual(fn, ritz_g, res_g)
-            rel = stopping_residual(fn, ritz_g, res_g, options.gradient_residual)[1]  # the stopping quantity
+            absolute, rel_f = function_residual(fn, ritz_g, res_g)
+            _, rel_fd = stopping_residual(fn, ritz_g, res_g, True)  # max(ρ, ρ'), computed once
+            rel = rel_fd if options.gradient_residual else rel_f  # the stopping quantity
             grad = gradient_matrix(fn, ritz_g)
             dropped = torch.zeros_like(rel)
             if want_factors:
@@ -278,7 +279,7 @@ def lanczos_forward(
                 ranks.append(0)
             if want_applied:
                 applied.append(apply_function(fn, ritz_g, res_g))
-            verr, gerr, ok, floor_ok = _estimates(fn, ritz_g, res_g, grad, value, dropped, options, eps)
+            verr, gerr, ok, floor_ok = _estimates(fn, ritz_g, res_g, grad, value, dropped, options, eps, rel_f, rel_fd)
             for key, t in zip(parts, (value, absolute, rel, verr, gerr, ok, floor_ok), strict=True):
                 parts[key].append(t)
         values = torch.cat(parts["value"], -1)
@@ -328,11 +329,15 @@ def _estimates(
     dropped: Tensor,
     options: EngineOptions,
     eps: float,
+    rel: Tensor,
+    rel_g: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Value error estimate (absolute), gradient error estimate (relative), verdict and floor verdict."""
+    """Value error estimate (absolute), gradient error estimate (relative), verdict and floor verdict.
+
+    ``rel`` is ``ρ`` (of ``f``), ``rel_g`` is ``max(ρ, ρ')``; the stopping quantity is one of them.
+    """
     tol = options.tol
-    rel, stop_rel = stopping_residual(fn, ritz, res, options.gradient_residual)
-    _, rel_g = stopping_residual(fn, ritz, res, True)
+    stop_rel = rel_g if options.gradient_residual else rel
     used = ritz.weights != 0
     theta = ritz.values
     zero = torch.zeros_like(theta)

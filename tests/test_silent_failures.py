@@ -228,3 +228,13 @@ def test_empty_rhs_returns_empty_like_stock():
     A = 2 * torch.eye(4, dtype=torch.float64)
     iq, ld = lgg.inv_quad_logdet(A, torch.zeros(4, 0, dtype=torch.float64), logdet=False, reduce_inv_quad=False)
     assert iq.shape == (0,)
+
+
+def test_overflowing_gradient_warns():
+    """float32, ‖A‖ ≈ 1e-20: the value 1/λ ≈ 1e20 fits, its gradient 1/λ² ≈ 1e40 does not."""
+    A = (_spd(10, torch.linspace(1.0, 2.0, 10, dtype=torch.float64)) * 1e-20).float().requires_grad_(True)
+    value = lgg.quad_form(A, torch.ones(10), "inv")
+    assert torch.isfinite(value)
+    with pytest.warns(NumericalWarning, match="NaN or Inf"):
+        (g,) = torch.autograd.grad(value, A)
+    assert not bool(torch.isfinite(g).all())

@@ -16,10 +16,12 @@ docs/mathematics.md, "The forward-only gradient"). No Krylov work happens in the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
 from .._compat import bilinear_derivative
@@ -73,7 +75,20 @@ class _ForwardOnlyGradient(torch.autograd.Function):
             weights = grad_values.index_select(-1, payload.owner)  # (*batch, R)
             A = ctx.representation_tree(*matrix_args)
             matrix_grads = tuple(bilinear_derivative(A, payload.left * weights.unsqueeze(-2), payload.right))
+        _warn_if_nonfinite(start_grad, *matrix_grads)
         return (None, None, None, start_grad, *matrix_grads)
+
+
+def _warn_if_nonfinite(*grads: Tensor | None) -> None:
+    """A gradient that overflowed (a tiny operator in float32: ``1/λ²`` beyond the dtype) is never silent."""
+    parts = [g for g in grads if isinstance(g, Tensor) and g.is_floating_point() and g.numel()]
+    if parts and not bool(torch.stack([torch.isfinite(g).all() for g in parts]).all()):  # one sync per backward
+        warnings.warn(
+            "lanczos_grad_gp: the forward-only gradient contains NaN or Inf (it overflowed the dtype, e.g. "
+            "1/λ² of a tiny operator in float32). Rescale the operator or use float64.",
+            NumericalWarning,
+            stacklevel=3,
+        )
 
 
 def attach_forward_only_gradient(

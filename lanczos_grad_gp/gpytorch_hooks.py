@@ -2,7 +2,10 @@
 
 Two hooks, installed once on ``import lanczos_grad_gp`` and inert while
 :class:`~lanczos_grad_gp.settings.use_lanczos_grad` is off (they call the original
-function, so results are bit-identical to stock GPyTorch):
+function, so results are bit-identical to stock GPyTorch). While it is on, each call is routed
+by :func:`lanczos_grad_gp.routing.choose_route`: small covariances (``n ≤ max_cholesky_size``)
+run GPyTorch's stock exact computation with the flag off for that call, operators with their
+own structured ``inv_quad_logdet`` keep it, the rest go to Lanczos.
 
 * ``gpytorch.distributions.MultivariateNormal.log_prob`` — stock GPyTorch only reaches
   ``inv_quad_logdet`` when ``fast_computations.log_prob`` is on, which BoTorch turns off at
@@ -28,11 +31,15 @@ from typing import Any
 
 import torch
 from gpytorch.distributions import MultivariateNormal
+from linear_operator import settings as lo_settings
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from . import settings
 from ._compat import validate_mvn_sample
+from .diagnostics import record
+from .functions.validation import check_finite_operator
+from .routing import choose_route
 
 __all__ = ["install", "uninstall", "is_installed"]
 
@@ -56,6 +63,9 @@ def _lanczos_log_prob(self: MultivariateNormal, value: Tensor) -> Tensor:
 
         covar = fuse_stationary_kernel(covar)
     covar = covar.evaluate_kernel()
+    route = choose_route(covar)
+    if route is not None and route.route == "operator":
+        record(route)
     dtype = torch.promote_types(diff.dtype, covar.dtype)  # as stock: float32 data with a float64 model
     if covar.dtype != dtype:
         covar = covar.to(dtype)
@@ -63,6 +73,20 @@ def _lanczos_log_prob(self: MultivariateNormal, value: Tensor) -> Tensor:
     # the operator's own method: the flag-gated base-class hook below, or an exact structured override
     inv_quad, logdet = covar.inv_quad_logdet(inv_quad_rhs=diff.unsqueeze(-1), logdet=True)
     return -0.5 * (inv_quad + logdet + diff.size(-1) * math.log(2 * math.pi))
+
+
+def _check_finite_log_prob(mvn: MultivariateNormal, value: Tensor) -> None:
+    """The Cholesky route's input check: NaN/Inf in the targets, mean or covariance raise, as on our route."""
+    if not bool(torch.isfinite(value).all() & torch.isfinite(mvn.loc).all()):
+        raise ValueError("inv_quad_rhs contains NaN or Inf (check the training targets and the mean function).")
+    check_finite_operator(mvn.lazy_covariance_matrix, "A", " (the covariance operator)")
+
+
+def _stock(fn: Any, *args: Any) -> Any:
+    """GPyTorch's own computation for one call: the flag off, Cholesky up to our threshold."""
+    threshold = settings.max_cholesky_size.resolved()
+    with settings.use_lanczos_grad(False), lo_settings.max_cholesky_size(threshold):
+        return fn(*args)
 
 
 def install() -> None:
@@ -76,7 +100,12 @@ def install() -> None:
         @functools.wraps(orig_log_prob)
         def log_prob(self: MultivariateNormal, value: Tensor) -> Tensor:
             if settings.use_lanczos_grad.on():
-                return _lanczos_log_prob(self, value)
+                route = choose_route(self.lazy_covariance_matrix, check_operator=False)
+                if route is None:
+                    return _lanczos_log_prob(self, value)
+                record(route)
+                _check_finite_log_prob(self, value)
+                return _stock(orig_log_prob, self, value)
             return orig_log_prob(self, value)
 
         @functools.wraps(orig_iqld)
@@ -87,9 +116,16 @@ def install() -> None:
             reduce_inv_quad: bool | None = True,
         ):
             if settings.use_lanczos_grad.on():
-                from .functions.inv_quad_logdet import inv_quad_logdet as ours
+                route = choose_route(self, check_operator=False)
+                if route is None:
+                    from .functions.inv_quad_logdet import inv_quad_logdet as ours
 
-                return ours(self, inv_quad_rhs, bool(logdet), bool(reduce_inv_quad))
+                    return ours(self, inv_quad_rhs, bool(logdet), bool(reduce_inv_quad))
+                record(route)
+                check_finite_operator(self, "A", " (the covariance operator)")
+                if inv_quad_rhs is not None and not bool(torch.isfinite(inv_quad_rhs).all()):
+                    raise ValueError("inv_quad_rhs contains NaN or Inf.")
+                return _stock(orig_iqld, self, inv_quad_rhs, logdet, reduce_inv_quad)
             return orig_iqld(self, inv_quad_rhs, logdet, reduce_inv_quad)
 
         _originals["log_prob"] = orig_log_prob

@@ -34,6 +34,8 @@ __all__ = [
     "fused_kernels",
     "max_dense_kernel_size",
     "preconditioner_override",
+    "max_cholesky_size",
+    "preconditioner_control_variate",
     "current_settings",
 ]
 
@@ -129,9 +131,12 @@ class use_lanczos_grad(_thread_local_flag):
     """Route every exact-GP marginal likelihood through forward-only Lanczos gradients.
 
     While on, ``MultivariateNormal.log_prob`` (hence GPyTorch's ``ExactMarginalLogLikelihood``
-    and BoTorch's ``fit_gpytorch_mll``) and ``LinearOperator.inv_quad_logdet`` use
-    :func:`lanczos_grad_gp.inv_quad_logdet`, whatever ``max_cholesky_size`` and
-    ``fast_computations`` say. While off, GPyTorch's own code runs unchanged.
+    and BoTorch's ``fit_gpytorch_mll``) and ``LinearOperator.inv_quad_logdet`` route each
+    covariance (:mod:`lanczos_grad_gp.routing`): up to :class:`max_cholesky_size` to GPyTorch's
+    exact Cholesky computation, operators with an exact structured formula (diagonal, Kronecker,
+    low-rank-plus-diagonal, ...) to their own ``inv_quad_logdet``, everything else to
+    :func:`lanczos_grad_gp.inv_quad_logdet`, whatever ``fast_computations`` says. ``record_calls()``
+    shows the route of every call. While off, GPyTorch's own code runs unchanged.
     (Default: False)
     """
 
@@ -273,6 +278,46 @@ class preconditioner_override(_thread_local_value):
         return value
 
 
+class max_cholesky_size(_thread_local_value):
+    """Largest ``n`` for which the flag leaves the marginal likelihood to GPyTorch's exact Cholesky path.
+
+    Below a few thousand points a dense Cholesky is cheap, exact and deterministic, which is what
+    L-BFGS (BoTorch's ``fit_gpytorch_mll``) needs; a stochastic estimate there buys nothing and can
+    steer the fit to a worse optimum. ``None`` follows ``gpytorch.settings.max_cholesky_size``
+    (800 by default), so code that already tunes GPyTorch's switch keeps its meaning; ``0`` sends
+    every size to Lanczos. The chosen route is recorded by ``record_calls()`` (``info.route``).
+    (Default: None)
+    """
+
+    _default = None
+
+    @classmethod
+    def _validate(cls, value: Any) -> int | None:
+        if value is None:
+            return None
+        return _positive_int(cls.__name__, value, allow_zero=True)
+
+    @classmethod
+    def resolved(cls) -> int:
+        """The threshold in force: this setting, or GPyTorch's ``max_cholesky_size``."""
+        value = cls.value()
+        if value is None:
+            from linear_operator import settings as lo_settings
+
+            return int(lo_settings.max_cholesky_size.value())
+        return value
+
+
+class preconditioner_control_variate(_thread_local_flag):
+    """Variance-reduced log-determinant gradient (Wenger et al., ICML 2022): differentiate the
+    pivoted-Cholesky preconditioner ``P(θ)`` with its pivots fixed, use ``∂ log det P`` exactly and
+    estimate only ``tr(K^{-1}∂K − P^{-1}∂P)`` with the probes (the same probes as the value). With a
+    full-rank factor the gradient is exact for any number of probes; costs ``O(n k (k + d))``, about
+    one pivoted Cholesky. (Default: True)"""
+
+    _default = True
+
+
 def current_settings() -> dict[str, Any]:
     """The settings in force in this thread, by name."""
     return {
@@ -290,5 +335,7 @@ def current_settings() -> dict[str, Any]:
             fused_kernels,
             max_dense_kernel_size,
             preconditioner_override,
+            max_cholesky_size,
+            preconditioner_control_variate,
         )
     }

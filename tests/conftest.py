@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 # name -> (f, f', f''', gaps measured relative to |λ|?). Used by the oracles and by the
@@ -137,3 +138,16 @@ class LinearOperatorDefaults:
         super().tearDown()
         for ctx in reversed(self._contexts):
             ctx.__exit__(None, None, None)
+
+
+@pytest.fixture
+def lanczos_at_every_size():
+    """Route every size to Lanczos under the flag (``max_cholesky_size = 0``), for tests of that path.
+
+    By default the flag leaves ``n <= max_cholesky_size`` (800) to GPyTorch's Cholesky; tests that
+    exercise the Lanczos route on small, fast matrices opt in with this fixture.
+    """
+    import lanczos_grad_gp as lgg
+
+    with lgg.settings.max_cholesky_size(0):
+        yield

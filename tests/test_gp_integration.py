@@ -84,6 +84,7 @@ def cholesky_reference(x, y, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.usefixtures("lanczos_at_every_size")
 def test_exact_trace_matches_cholesky(dtype) -> None:
     x, y = make_data(60, dtype=dtype)
     ref_v, ref_g = cholesky_reference(x.double(), y.double())
@@ -99,6 +100,7 @@ def test_exact_trace_matches_cholesky(dtype) -> None:
     assert float((g.double() - ref_g).norm() / ref_g.norm()) <= 10 * rtol
 
 
+@pytest.mark.usefixtures("lanczos_at_every_size")
 def test_our_path_runs_and_neither_cg_nor_cholesky() -> None:
     x, y = make_data(300)
     model = fresh_model(x, y)

@@ -101,6 +101,7 @@ class _GP(gpytorch.models.ExactGP):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
+@pytest.mark.usefixtures("lanczos_at_every_size")
 def test_chunked_kernel_in_gpytorch_model_never_forms_dense(monkeypatch):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(120, 3, generator=g, dtype=torch.float64)

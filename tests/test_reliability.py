@@ -289,6 +289,7 @@ HARD_CASES = {
 
 
 @pytest.mark.parametrize(("dtype", "noise"), list(HARD_CASES), ids=lambda x: str(x))
+@pytest.mark.usefixtures("lanczos_at_every_size")
 def test_gp_near_duplicate_inputs_accurate_or_not_psd(dtype, noise):
     expected = HARD_CASES[(dtype, noise)]
     n = 60
@@ -472,6 +473,7 @@ def test_double_backward_raises_clear_error(case):
         g.sum().backward()
 
 
+@pytest.mark.usefixtures("lanczos_at_every_size")
 def test_double_backward_through_gp_flag_path_raises():
     model, lik, x, y = _gp(20)
     with warnings.catch_warnings():

@@ -267,6 +267,7 @@ def test_flag_in_one_thread_does_not_leak_into_another():
     assert torch.isfinite(flag_val) and abs(float(flag_val - reference[0])) < 1e-8
 
 
+@pytest.mark.usefixtures("lanczos_at_every_size")
 def test_probe_seed_reproducible_and_none_is_fresh():
     n = 120  # > num_probes: the log-determinant is stochastic
     model, lik, x, y = _model(n)

@@ -99,6 +99,8 @@ def method_context(
     stack = contextlib.ExitStack()
     if method == "ours":
         stack.enter_context(lgg_settings.use_lanczos_grad())
+        # the method itself at every size: the flag alone leaves n <= max_cholesky_size to Cholesky
+        stack.enter_context(lgg_settings.max_cholesky_size(0))
         if num_probes is not None:
             stack.enter_context(lgg_settings.num_probes(num_probes))
         if max_iter is not None:
@@ -163,7 +165,11 @@ class Metrics:
 
 
 def summarize_calls(calls: list[InvQuadLogdetInfo]) -> dict[str, float]:
-    """``calls`` (Lanczos MLL evaluations), mean/max ``iterations`` per column, mean ``preconditioner_rank``."""
+    """``calls`` (Lanczos MLL evaluations), mean/max ``iterations`` per column, mean ``preconditioner_rank``.
+
+    Entries of other routes (:class:`lanczos_grad_gp.routing.RouteInfo`) are left out.
+    """
+    calls = [info for info in calls if info.route == "lanczos"]
     if not calls:
         return {"calls": 0.0}
     iters = torch.cat([info.iterations.detach().flatten().to(torch.float64).cpu() for info in calls])

@@ -40,6 +40,7 @@ from .._compat import operator_matmul
 from ..core.engine import ColumnGroup, EngineOptions, lanczos_forward
 from ..core.matfuncs import BUILTIN_FUNCTIONS
 from ..core.preconditioners import Preconditioner, select_preconditioner
+from ..core.preconditioners.control_variate import logdet_control_variate
 from ..core.probes import gp_probes, unit_probes
 from ..diagnostics import record, record_calls, warn_not_converged
 from .forward_only import GradientPayload, attach_forward_only_gradient, flatten_factors
@@ -63,6 +64,7 @@ class GPOptions:
     preconditioner_tol: float
     reorthogonalize: bool
     check_every: int
+    control_variate: bool = True
 
     @staticmethod
     def from_settings(dtype: torch.dtype) -> GPOptions:
@@ -78,6 +80,7 @@ class GPOptions:
             preconditioner_tol=settings.preconditioner_tol.value(),
             reorthogonalize=settings.reorthogonalize.on(),
             check_every=settings.check_every.value(),
+            control_variate=settings.preconditioner_control_variate.on(),
         )
 
 
@@ -102,6 +105,8 @@ class InvQuadLogdetInfo:
         attainable: the estimated round-off floor of every column is within the tolerance (part of
             ``converged``; False means the dtype, not the iteration count, limits the accuracy).
         route: which computation ran: ``"lanczos"`` (this routine).
+        variance_reduced: the log-determinant gradient used the preconditioner as a control
+            variate (:mod:`lanczos_grad_gp.core.preconditioners.control_variate`), or the trace was exact.
     """
 
     n: int
@@ -117,6 +122,7 @@ class InvQuadLogdetInfo:
     options: GPOptions
     attainable: bool = True
     route: str = "lanczos"
+    variance_reduced: bool = False
 
 
 def _preconditioned_matmul(A: LinearOperator, precond: Preconditioner, x: Tensor) -> Tensor:
@@ -185,10 +191,16 @@ def _forward(
     inv_quad = values[..., :t]
     logdet = torch.zeros(batch, dtype=dtype, device=device)
     se = torch.zeros(batch, dtype=dtype, device=device)
+    variance_reduced = False
     if want_logdet:
         per_probe = values[..., t:]  # (*batch, N)
         weight = 1.0 if exact_trace else 1.0 / num
         logdet = precond.logdet.to(dtype) + weight * per_probe.sum(-1)
+        if want_matrix and not exact_trace and options.control_variate:
+            cv = logdet_control_variate(A, precond, z, weight)
+            if cv is not None:
+                logdet = logdet + cv
+                variance_reduced = True
         if not exact_trace and num > 1:
             se = per_probe.detach().std(-1) / num**0.5
         elif not exact_trace:  # one probe: the spread of a Rademacher estimate is unknown, not 0
@@ -207,6 +219,7 @@ def _forward(
         converged=bool(d.converged.all()),
         options=options,
         attainable=bool(d.floor_ok.all()),
+        variance_reduced=want_logdet and (exact_trace or variance_reduced),
     )
     return inv_quad, logdet, info
 

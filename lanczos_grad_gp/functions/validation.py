@@ -148,6 +148,18 @@ def check_operator(A: Any, name: str = "A", what: str = "") -> LinearOperator:
     return A
 
 
+def check_finite_operator(A: Any, name: str = "A", what: str = "") -> None:
+    """``ValueError`` if the tensors ``A`` is built from contain NaN/Inf (no shape or symmetry checks).
+
+    The check of the Cholesky route: GPyTorch's own computation runs next, with its own jitter and
+    symmetry handling, but a NaN never passes silently.
+    """
+    tensors = (A,) if isinstance(A, Tensor) else A.evaluate_kernel().representation()
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not _all_finite(t.detach()):
+            raise ValueError(f"{name} contains NaN or Inf{what}. {_NAN_ADVICE}")
+
+
 def _all_finite(t: Tensor) -> bool:
     """Whether ``t`` has no NaN/Inf, in one reduction without an ``n x n`` boolean temporary.
 

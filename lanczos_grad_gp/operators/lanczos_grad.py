@@ -34,6 +34,9 @@ class LanczosGradLinearOperator(LinearOperator):
         base: a square ``(*batch, n, n)`` positive definite LinearOperator (or tensor).
     """
 
+    #: the flag's router leaves this operator's own (Lanczos) method in place at every size
+    _lanczos_grad_gp_operator = True
+
     def __init__(self, base: LinearOperator | Tensor) -> None:
         base = to_linear_operator(base)
         if base.shape[-1] != base.shape[-2]:

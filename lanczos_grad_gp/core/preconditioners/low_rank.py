@@ -15,7 +15,10 @@ the symmetric operator ``B = C^{-1} K C^{-T}``:
 * with ``P`` detached, ``∂ log det B = tr(B^{-1} C^{-1} ∂K C^{-T}) = tr(K^{-1} ∂K)``: the gradient
   is exact in expectation, and the Ritz vectors map back by ``C^{-T}``.
 
-The factor is computed under ``no_grad`` (the preconditioner is a constant of the gradient).
+The factor is computed under ``no_grad``. Its pivots ``π`` and the Nyström interpolation
+``R = L L_π^{-1} = K_θ[:, π] K_θ[π, π]^{-1}`` are kept, so that ``P(θ) = K_θ[:, π] K_θ[π,π]^{-1}
+K_θ[π, :] + D(θ)`` with the pivots fixed can be differentiated at ``O(n k²)``: the variance-reduced
+log-determinant gradient of :mod:`lanczos_grad_gp.core.preconditioners.control_variate`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class LowRankPlusDiagPreconditioner:
         scale: ``(*batch, k)`` ``(1 + s²)^{-1/2} - 1``.
         logdet: ``(*batch)`` ``log det P``.
         rank: ``k``.
+        pivots: ``(*batch, k)`` pivots ``π`` of the pivoted Cholesky factor (``None``: no low-rank part).
+        interp: ``(*batch, n, k)`` ``R = L L_π^{-1}``, so that ``L L^T = R K_θ[π, π] R^T``.
+        remainder_ratio: ``(*batch)`` ``tr(K_θ − L L^T) / tr(D)``: how much of the kernel the
+            factor leaves to the noise (0 for a full-rank factor).
     """
 
     inv_sqrt_diag: Tensor | None
@@ -49,6 +56,9 @@ class LowRankPlusDiagPreconditioner:
     scale: Tensor | None
     logdet: Tensor
     rank: int
+    pivots: Tensor | None = None
+    interp: Tensor | None = None
+    remainder_ratio: Tensor | None = None
 
     def _core(self, x: Tensor) -> Tensor:
         # (I + M M^T)^{-1/2} x for x (*batch, n, c)
@@ -68,6 +78,16 @@ class LowRankPlusDiagPreconditioner:
         if self.inv_sqrt_diag is not None:
             x = x * self.inv_sqrt_diag.unsqueeze(-1)
         return x
+
+    def inv_diagonal(self) -> Tensor | None:
+        """``diag(P^{-1})`` (``(*batch, n)``): ``d^{-1} (1 + Σ_j U_j² ((1 + s_j)² − 1))``, ``None`` for ``P = I``."""
+        if self.inv_sqrt_diag is None:
+            return None
+        inv_d = self.inv_sqrt_diag.square()
+        if self.U is None:
+            return inv_d
+        # (I + U S U^T)^2 = I + U (2 S + S^2) U^T with S = diag(scale)
+        return inv_d * (1.0 + (self.U.square() * (self.scale * (2.0 + self.scale)).unsqueeze(-2)).sum(-1))
 
 
 #: the first release's name
@@ -106,15 +126,22 @@ def pivoted_cholesky_preconditioner(
         rank = min(max_rank, n)
         if rank == 0:
             return LowRankPlusDiagPreconditioner(inv_sqrt_d, None, None, logdet, 0)
-        L = pivoted_cholesky(base, rank, error_tol=trace_tol * n * d.amin(-1))  # (*batch, n, k)
+        L, pivots = pivoted_cholesky(base, rank, error_tol=trace_tol * n * d.amin(-1), return_pivots=True)
         # In low precision on a numerically rank-deficient kernel (near-duplicate inputs) a late
-        # pivot can go nonpositive and NaN-fill the remaining columns. Keep the finite leading
-        # columns (a valid lower-rank factor) instead of dropping preconditioning altogether.
-        good = torch.isfinite(L).flatten(0, -2).all(0) if L.dim() > 2 else torch.isfinite(L).all(0)
+        # pivot can go nonpositive and NaN-fill the remaining columns; on an exactly low-rank kernel
+        # the residual diagonal reaches 0 and later columns are 0. Keep the leading columns with a
+        # finite, positive pivot (a valid lower-rank factor) instead of dropping preconditioning.
+        L_pp = L.gather(-2, pivots.unsqueeze(-2)).squeeze(-2)  # (*batch, k): L[π_j, j] = sqrt(d_p)
+        good = torch.isfinite(L).all(-2) & (L_pp > 0)  # (*batch, k)
+        good = good.flatten(0, -2).all(0) if good.dim() > 1 else good
         k_ok = int(good.long().cumprod(0).sum())
         if k_ok == 0:
             return LowRankPlusDiagPreconditioner(inv_sqrt_d, None, None, logdet, 0)
-        L = L[..., :k_ok]
+        L, pivots = L[..., :k_ok], pivots[..., :k_ok]
+        L_pi = L.gather(-2, pivots.unsqueeze(-1).expand(*pivots.shape, k_ok))  # (*batch, k, k) lower triangular
+        interp = torch.linalg.solve_triangular(L_pi, L, upper=False, left=False)  # R = L L_π^{-1}
+        remainder = (base.diagonal() - L.square().sum(-1)).clamp_min(0).sum(-1)  # (*batch) tr(K - L L^T)
+        remainder_ratio = remainder / d.sum(-1)
         M = L * inv_sqrt_d.unsqueeze(-1)  # (*batch, n, k)
         # Thin SVD via QR (orthonormal U to working precision, also in float32, so that the applied
         # C^{-1} and log det P stay consistent): M = Q R, R = W diag(s) V^T, U = Q W.
@@ -124,4 +151,4 @@ def pivoted_cholesky_preconditioner(
         s2 = s.square()
         scale = (1.0 + s2).rsqrt() - 1.0
         logdet = logdet + torch.log1p(s2).sum(-1)
-        return LowRankPlusDiagPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1])
+        return LowRankPlusDiagPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1], pivots, interp, remainder_ratio)

@@ -45,13 +45,20 @@ def _rows(op: LinearOperator, pivots: Tensor) -> Tensor:
 
 
 def pivoted_cholesky(
-    op: LinearOperator, max_rank: int, error_tol: Tensor | float = 0.0, check_every: int = 8
-) -> Tensor:
+    op: LinearOperator,
+    max_rank: int,
+    error_tol: Tensor | float = 0.0,
+    check_every: int = 8,
+    *,
+    return_pivots: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Rank-``≤ max_rank`` pivoted Cholesky factor ``L`` (``(*batch, n, k)``) with ``L L^T ≈ op``.
 
     Stops when the trace of the remainder ``tr(op − L L^T)`` is ``≤ error_tol`` (absolute, per
     batch entry, checked every ``check_every`` steps) for every batch entry, or at ``max_rank``.
-    Runs under ``no_grad``: the factor is a constant (a preconditioner).
+    Runs under ``no_grad``: the factor is a constant (a preconditioner). With ``return_pivots``
+    also returns the pivots ``π`` (``(*batch, k)``, in the order chosen): ``L[π]`` is lower
+    triangular and ``L L^T = op[:, π] op[π, π]^{-1} op[π, :]`` (the Nyström form).
     """
     with torch.no_grad():
         n = op.shape[-1]
@@ -62,8 +69,10 @@ def pivoted_cholesky(
         tol = torch.as_tensor(error_tol, dtype=d.dtype, device=d.device)
         tiny = torch.finfo(d.dtype).tiny
         rank = k
+        pivots = torch.zeros(*op.batch_shape, k, dtype=torch.long, device=d.device)
         for j in range(k):
             piv = d.argmax(-1)  # (*batch,)
+            pivots[..., j] = piv
             dp = d.gather(-1, piv.unsqueeze(-1)).squeeze(-1)  # (*batch,)
             row = _rows(op, piv).to(d.dtype)  # (*batch, n)
             if j:
@@ -78,4 +87,6 @@ def pivoted_cholesky(
             if (j + 1) % check_every == 0 and bool((d.sum(-1) <= tol).all()):  # one sync per check
                 rank = j + 1
                 break
+        if return_pivots:
+            return Lt[..., :rank, :].mT, pivots[..., :rank]
         return Lt[..., :rank, :].mT

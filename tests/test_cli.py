@@ -14,7 +14,7 @@ from lanczos_grad_gp.app.cli import format_ms, format_table, main, parse_methods
 from lanczos_grad_gp.app.datasets import load_default
 from lanczos_grad_gp.app.training import METHODS, RunResult, fit_and_evaluate, method_context
 
-TINY = ["--n", "120", "--steps", "3", "--no-progress"]
+TINY = ["--data", "concrete", "--n", "120", "--steps", "3", "--no-progress"]
 
 
 def _table_rows(out: str) -> dict[str, list[str]]:
@@ -43,8 +43,12 @@ def test_each_method_end_to_end(method: str, capsys: pytest.CaptureFixture[str])
 
 def test_default_methods_and_comma_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(TINY) == 0
-    header = capsys.readouterr().out.splitlines()[1].split()
-    assert header == ["ours", "cholesky"]
+    out = capsys.readouterr().out
+    header = out.splitlines()[1].split()
+    assert header == ["ours", "gpytorch", "cholesky"]
+    # the verdict: ours against each baseline, and where Cholesky is the better choice (n = 108 here)
+    assert "ours vs Cholesky (exact):" in out and "ours vs GPyTorch default (mBCG):" in out
+    assert "At n = 108 Cholesky is the better choice" in out
     assert main([*TINY, "--method", "cholesky,ours", "--method", "gpytorch", "--method", "ours"]) == 0
     header = capsys.readouterr().out.splitlines()[1].split()
     assert header == ["cholesky", "ours", "gpytorch"]
@@ -149,8 +153,35 @@ def test_python_dash_m_subprocess(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
 
 
+def test_demo_default_is_the_bundled_protein_sample() -> None:
+    """The demo's default data shows the method's case: 4500 training points, not the 927 of concrete."""
+    from lanczos_grad_gp.app.cli import DEMO_DATASET, build_parser, load_data
+
+    args = build_parser().parse_args([])
+    args.device, args.dtype = torch.device("cpu"), "float64"
+    data = load_data(args)
+    assert DEMO_DATASET == "protein5000" and data.name == "protein5000"
+    assert (data.num_train, data.num_test, data.dim) == (4500, 500, 9)
+    assert args.steps == 20 and parse_methods(args.method) == ["ours", "gpytorch", "cholesky"]
+
+
+def test_verdict_wording() -> None:
+    from lanczos_grad_gp.app.cli import format_verdict
+    from lanczos_grad_gp.app.training import Metrics
+
+    def result(method: str, seconds: float, rmse: float) -> RunResult:
+        r = RunResult(method=method)
+        r.step_times = [1.0, seconds, seconds]
+        r.metrics = Metrics(rmse=rmse, nll=0.5)
+        return r
+
+    text = format_verdict([result("ours", 1.0, 0.52), result("cholesky", 4.0, 0.52)], 4500)
+    assert "ours vs Cholesky (exact): 0.25x the time per step" in text
+    assert "below about n = 2000" in text
+
+
 def test_parse_methods() -> None:
-    assert parse_methods(None) == ["ours", "cholesky"]
+    assert parse_methods(None) == ["ours", "gpytorch", "cholesky"]
     assert parse_methods(["OURS, gpytorch", "ours"]) == ["ours", "gpytorch"]
     with pytest.raises(ValueError, match="choose from"):
         parse_methods([","])

@@ -120,8 +120,9 @@ def shared_data_dir() -> Path | None:
 
 
 def available_datasets() -> list[str]:
-    """Names :func:`load_uci` accepts: the bundled set plus those found by :func:`shared_data_dir`."""
-    names = {DEFAULT_DATASET}
+    """Names :func:`load_uci` accepts: the bundled sets plus those found by :func:`shared_data_dir`."""
+    data_dir = bundled_data_path().parent
+    names = {p.name.removesuffix(".csv.gz") for p in data_dir.glob("*.csv.gz") if "_test_mask" not in p.name}
     root = shared_data_dir()
     if root is not None:
         names.update(p.parent.name for p in root.glob("*/data.csv*"))

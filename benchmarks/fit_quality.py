@@ -1,0 +1,234 @@
+"""Fit quality of BoTorch's ``fit_gpytorch_mll`` (L-BFGS-B) with and without the flag.
+
+Run from the repository root::
+
+    python -m benchmarks.fit_quality --quick        # BO sizes, a few minutes on 2 CPU cores
+    python -m benchmarks.fit_quality                # every row, including n = 5000 (about an hour)
+    python -m benchmarks.fit_quality --rows hartmann6-single-5000
+
+For every row the same model class is fitted from the same start (``torch.manual_seed(0)``,
+BoTorch's default priors and transforms) by up to three methods:
+
+* ``cholesky`` — stock GPyTorch/BoTorch with ``max_cholesky_size(10**9)`` (the reference);
+* ``flag`` — ``lgg.settings.use_lanczos_grad()`` with default routing (Cholesky up to
+  ``max_cholesky_size``, which BoTorch sets to 4096 on import; Lanczos above);
+* ``lanczos`` — the flag with Lanczos forced at every size (``lgg.settings.max_cholesky_size(0)``),
+  only where it differs from ``flag``: what the estimator itself does at BO sizes.
+
+Reported per method: the **exact** marginal log likelihood per data point at the fitted
+hyperparameters (a float64 Cholesky evaluation of the fitted model; summed over the outputs of
+multi-output models), its gap to Cholesky's (positive: worse than Cholesky), L-BFGS-B
+``ABNORMAL`` line-search warnings, our ``NumericalWarning``\\ s, optimizer attempts (BoTorch retries
+from prior samples after a failed attempt), the routes taken, and CPU time (``process_time``, all
+threads). Goal: every ``flag`` row within 0.01 nats/point of Cholesky, no ABNORMAL warnings, less
+CPU than Cholesky from n = 2000 on. Writes ``<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gpytorch
+import torch
+from botorch.fit import fit_gpytorch_mll
+from botorch.models import ModelListGP, SingleTaskGP
+from botorch.optim.fit import fit_gpytorch_mll_scipy
+from botorch.test_functions import Branin, Hartmann
+from botorch.test_functions.multi_objective import BraninCurrin
+from gpytorch.mlls import ExactMarginalLogLikelihood, SumMarginalLogLikelihood
+
+import lanczos_grad_gp as lgg
+from lanczos_grad_gp.app.datasets import load_uci
+
+from .common import DEFAULT_DATA_DIR, REPO_ROOT, dataset_dir
+
+F64 = torch.float64
+SYNTHETIC = {"branin": Branin, "hartmann6": lambda: Hartmann(dim=6), "branincurrin": BraninCurrin}
+UCI = ("elevators", "protein", "pol", "kin40k")
+#: name -> (data, model kind, n); model kinds: single, fixed_noise, model_list, batched
+ROWS: dict[str, tuple[str, str, int]] = {
+    f"{data}-{kind}-{n}": (data, kind, n)
+    for data, kind, n in [
+        ("branin", "single", 30),
+        ("branin", "single", 200),
+        ("branin", "single", 1000),
+        ("hartmann6", "single", 30),
+        ("hartmann6", "single", 200),
+        ("hartmann6", "single", 1000),
+        ("hartmann6", "fixed_noise", 200),
+        ("hartmann6", "fixed_noise", 1000),
+        ("branincurrin", "model_list", 200),
+        ("branincurrin", "batched", 200),
+        ("branincurrin", "batched", 1000),
+        ("elevators", "single", 1000),
+        ("pol", "single", 1000),
+        ("hartmann6", "single", 5000),
+        ("elevators", "single", 5000),
+        ("pol", "single", 5000),
+    ]
+}
+QUICK = [name for name, (_, _, n) in ROWS.items() if n <= 200]
+
+
+def make_data(name: str, n: int, seed: int = 0, data_dir: Path = DEFAULT_DATA_DIR) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X`` in the unit cube ``(n, d)`` and noisy targets ``Y`` ``(n, m)`` (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    if name in SYNTHETIC:
+        fn = SYNTHETIC[name]()
+        X = torch.rand(n, fn.dim, generator=g, dtype=F64)
+        lb, ub = fn.bounds.to(F64)
+        Y = fn(lb + (ub - lb) * X)
+        Y = Y.unsqueeze(-1) if Y.dim() == 1 else Y
+        return X, Y + 0.05 * Y.std(0) * torch.randn(Y.shape, generator=g, dtype=F64)
+    data = load_uci(dataset_dir(data_dir, name), n=n, seed=seed, test_fraction=0.0)
+    x = data.train_x.to(F64)
+    X = (x - x.amin(0)) / (x.amax(0) - x.amin(0)).clamp_min(1e-12)  # BoTorch expects the unit cube
+    return X, data.train_y.to(F64).unsqueeze(-1)
+
+
+def make_model(kind: str, X: torch.Tensor, Y: torch.Tensor):
+    """The model and its marginal likelihood for ``kind``."""
+    torch.manual_seed(0)
+    if kind == "single":
+        model = SingleTaskGP(X, Y[:, :1])
+    elif kind == "fixed_noise":
+        model = SingleTaskGP(X, Y[:, :1], train_Yvar=torch.full_like(Y[:, :1], float((0.05 * Y[:, 0].std()) ** 2)))
+    elif kind == "batched":
+        model = SingleTaskGP(X, Y)  # one batched GP over the outputs
+    elif kind == "model_list":
+        model = ModelListGP(*(SingleTaskGP(X, Y[:, i : i + 1]) for i in range(Y.shape[-1])))
+        return model, SumMarginalLogLikelihood(model.likelihood, model)
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    return model, ExactMarginalLogLikelihood(model.likelihood, model)
+
+
+def exact_mll_per_point(model) -> float:
+    """Exact (Cholesky, float64) marginal log likelihood per data point, summed over outputs."""
+    models = model.models if isinstance(model, ModelListGP) else [model]
+    total = 0.0
+    for m in models:
+        mll = ExactMarginalLogLikelihood(m.likelihood, m)
+        m.train()
+        with gpytorch.settings.max_cholesky_size(10**9), torch.no_grad(), lgg.settings.use_lanczos_grad(False):
+            total += float(mll(m(*m.train_inputs), m.train_targets).sum())  # what fit_gpytorch_mll's closure evaluates
+    return total
+
+
+@dataclass
+class FitResult:
+    method: str
+    exact_mll: float
+    cpu_s: float
+    wall_s: float
+    abnormal: int
+    numerical_warnings: int
+    attempts: int
+    routes: list[str] = field(default_factory=list)
+    gap: float = 0.0
+
+
+def method_context(method: str) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    if method == "cholesky":
+        stack.enter_context(gpytorch.settings.max_cholesky_size(10**9))
+    else:
+        stack.enter_context(lgg.settings.use_lanczos_grad())
+        if method == "lanczos":
+            stack.enter_context(lgg.settings.max_cholesky_size(0))
+    return stack
+
+
+def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str) -> FitResult:
+    model, mll = make_model(kind, X, Y)
+    attempts = 0
+
+    def counting_optimizer(*args, **kwargs):
+        nonlocal attempts
+        attempts += 1
+        return fit_gpytorch_mll_scipy(*args, **kwargs)
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught, lgg.record_calls() as calls:
+        warnings.simplefilter("always")
+        with method_context(method):
+            fit_gpytorch_mll(mll, optimizer=counting_optimizer)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return FitResult(
+        method=method,
+        exact_mll=exact_mll_per_point(model),
+        cpu_s=cpu,
+        wall_s=wall,
+        abnormal=sum("ABNORMAL" in str(w.message) for w in caught),
+        numerical_warnings=sum(issubclass(w.category, lgg.diagnostics.NumericalWarning) for w in caught),
+        attempts=attempts,
+        routes=sorted({c.route for c in calls}),
+    )
+
+
+def run_row(name: str, data_dir: Path) -> dict:
+    data, kind, n = ROWS[name]
+    X, Y = make_data(data, n, seed=0, data_dir=data_dir)
+    threshold = gpytorch.settings.max_cholesky_size.value()
+    methods = ["cholesky", "flag"] + (["lanczos"] if n <= threshold else [])
+    results = [fit_once(kind, X, Y, m) for m in methods]
+    for r in results:
+        r.gap = results[0].exact_mll - r.exact_mll
+    return {"row": name, "data": data, "kind": kind, "n": n, "d": X.shape[-1], "results": [asdict(r) for r in results]}
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = (
+        "| row | n | method | exact MLL/pt | gap to Cholesky | ABNORMAL | NumericalWarning | attempts | routes "
+        "| CPU s | CPU / Cholesky |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for row in rows:
+        ref_cpu = row["results"][0]["cpu_s"]
+        for r in row["results"]:
+            lines.append(
+                f"| {row['row']} | {row['n']} | {r['method']} | {r['exact_mll']:.4f} | {r['gap']:+.4f} "
+                f"| {r['abnormal']} "
+                f"| {r['numerical_warnings']} | {r['attempts']} | {', '.join(r['routes']) or '-'} | {r['cpu_s']:.1f} "
+                f"| {r['cpu_s'] / max(ref_cpu, 1e-9):.2f} |"
+            )
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="only the rows with n <= 200")
+    p.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=None)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "fit_quality")
+    args = p.parse_args(argv)
+    names = args.rows or (QUICK if args.quick else list(ROWS))
+    out_json = args.out.with_suffix(".json")
+    done = json.loads(out_json.read_text()) if out_json.exists() else []
+    done = [r for r in done if r["row"] not in names]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; rows: {', '.join(names)}", flush=True)
+    for name in names:
+        row = run_row(name, args.data_dir)
+        done.append(row)
+        for r in row["results"]:
+            print(
+                f"{name:28s} {r['method']:9s} exact MLL/pt {r['exact_mll']:9.4f} gap {r['gap']:+.4f} "
+                f"abnormal {r['abnormal']} numwarn {r['numerical_warnings']} attempts {r['attempts']} "
+                f"routes {','.join(r['routes']) or '-'} cpu {r['cpu_s']:.1f}s",
+                flush=True,
+            )
+        order = {k: i for i, k in enumerate(ROWS)}
+        done.sort(key=lambda r: order.get(r["row"], 10**6))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(done, indent=1))
+        args.out.with_suffix(".md").write_text(to_markdown(done))
+
+
+if __name__ == "__main__":
+    main()

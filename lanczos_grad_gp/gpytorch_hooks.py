@@ -38,7 +38,7 @@ from torch import Tensor
 from . import settings
 from ._compat import validate_mvn_sample
 from .diagnostics import record
-from .functions.validation import check_finite_operator
+from .functions.validation import check_finite_operator, symmetrize_like_stock
 from .routing import choose_route
 
 __all__ = ["install", "uninstall", "is_installed"]
@@ -120,7 +120,8 @@ def install() -> None:
                 if route is None:
                     from .functions.inv_quad_logdet import inv_quad_logdet as ours
 
-                    return ours(self, inv_quad_rhs, bool(logdet), bool(reduce_inv_quad))
+                    op = symmetrize_like_stock(self.evaluate_kernel())  # as forgiving as stock: no asymmetry error
+                    return ours(op, inv_quad_rhs, bool(logdet), bool(reduce_inv_quad))
                 record(route)
                 check_finite_operator(self, "A", " (the covariance operator)")
                 if inv_quad_rhs is not None and not bool(torch.isfinite(inv_quad_rhs).all()):

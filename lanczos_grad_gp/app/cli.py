@@ -2,7 +2,7 @@
 
 Usage::
 
-    lanczos-grad-gp                                   # bundled protein sample (4500 training points): ours vs GPyTorch vs Cholesky
+    lanczos-grad-gp                                   # bundled protein sample (4500 points): ours, GPyTorch, Cholesky
     python -m lanczos_grad_gp --method ours,cholesky,gpytorch --steps 100
     lanczos-grad-gp --data my_data.csv.gz --n 5000 --device cuda --dtype float32
 

@@ -28,11 +28,15 @@ as values and are published through :func:`lanczos_grad_gp.record_calls`.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from linear_operator import settings as lo_settings
 from linear_operator.operators import LinearOperator
+from linear_operator.utils.errors import NotPSDError
+from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
 from .. import settings
@@ -107,6 +111,9 @@ class InvQuadLogdetInfo:
         route: which computation ran: ``"lanczos"`` (this routine).
         variance_reduced: the log-determinant gradient used the preconditioner as a control
             variate (:mod:`lanczos_grad_gp.core.preconditioners.control_variate`), or the trace was exact.
+        jitter: the diagonal jitter added after Lanczos found ``A`` numerically not positive definite
+            (0: none), following GPyTorch's ``psd_safe_cholesky`` (``cholesky_jitter``, ×10 per try,
+            ``cholesky_max_tries``), with a ``NumericalWarning``.
     """
 
     n: int
@@ -123,6 +130,7 @@ class InvQuadLogdetInfo:
     attainable: bool = True
     route: str = "lanczos"
     variance_reduced: bool = False
+    jitter: float = 0.0
 
 
 def _preconditioned_matmul(A: LinearOperator, precond: Preconditioner, x: Tensor) -> Tensor:
@@ -224,6 +232,38 @@ def _forward(
     return inv_quad, logdet, info
 
 
+def _forward_with_jitter(
+    A: LinearOperator, rhs: Tensor | None, want_logdet: bool, options: GPOptions
+) -> tuple[Tensor, Tensor, InvQuadLogdetInfo]:
+    """:func:`_forward`, retried with diagonal jitter when ``A`` is numerically not positive definite.
+
+    As forgiving as GPyTorch's Cholesky (``psd_safe_cholesky``): float32 round-off in a covariance
+    whose smallest eigenvalues are near its noise (posterior covariances, tiny fixed noise) makes
+    Lanczos see a nonpositive Ritz value; stock GPyTorch then adds ``cholesky_jitter`` (1e-6 float32,
+    1e-8 float64), ten times more per try, up to ``cholesky_max_tries`` (3), and warns. So do we. A
+    clearly indefinite matrix still raises the first ``NotPSDError``.
+    """
+    try:
+        return _forward(A, rhs, want_logdet, options)
+    except NotPSDError as first:
+        error = first
+    jitter = lo_settings.cholesky_jitter.value(A.dtype)
+    for attempt in range(lo_settings.cholesky_max_tries.value()):
+        amount = jitter * 10**attempt
+        try:
+            inv_quad, logdet, info = _forward(A.add_jitter(amount), rhs, want_logdet, options)
+        except NotPSDError:
+            continue
+        warnings.warn(
+            f"lanczos_grad_gp.inv_quad_logdet: A (n={A.shape[-1]}, {A.dtype}) is not numerically positive "
+            f"definite; added jitter of {amount:.1e} to the diagonal (as GPyTorch's Cholesky does). ({error})",
+            NumericalWarning,
+            stacklevel=3,
+        )
+        return inv_quad, logdet, replace(info, jitter=amount)
+    raise error
+
+
 def _warn_if_not_converged(info: InvQuadLogdetInfo) -> None:
     """Never return an unconverged result silently (GPyTorch warns the same way when CG stops early)."""
     if info.converged:
@@ -296,7 +336,7 @@ def inv_quad_logdet(
         empty = rhs.new_zeros(rhs.shape[:-2] if reduce_inv_quad else (*rhs.shape[:-2], 0))
         return empty, torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)
     options = GPOptions.from_settings(A.dtype)
-    inv_quad, ld, info = _forward(A, rhs, logdet, options)
+    inv_quad, ld, info = _forward_with_jitter(A, rhs, logdet, options)
     record(info)
     _warn_if_not_converged(info)
     if rhs is None:

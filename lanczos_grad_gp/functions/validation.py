@@ -8,16 +8,27 @@ that names the argument and says what to do.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
-from linear_operator.operators import DenseLinearOperator, LinearOperator, to_linear_operator
+from linear_operator.operators import AddedDiagLinearOperator, DenseLinearOperator, LinearOperator, to_linear_operator
+from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
-from .._compat import delayed_error
+from .._compat import added_diag_parts, delayed_error
 from ..core.norms import safe_matrix_norm
 
-__all__ = ["broadcast_rhs", "check_dtype", "check_operator", "check_symmetric", "first_order_only"]
+__all__ = [
+    "broadcast_rhs",
+    "check_dtype",
+    "check_finite_operator",
+    "check_operator",
+    "check_symmetric",
+    "first_order_only",
+    "relative_asymmetry",
+    "symmetrize_like_stock",
+]
 
 _DOUBLE_BACKWARD_MSG = (
     b"lanczos_grad_gp: the forward-only Lanczos gradient is first-order only; differentiating it again "
@@ -66,17 +77,15 @@ def first_order_only(backward: Any) -> Any:
     return wrapper
 
 
-def check_symmetric(M: Tensor, name: str = "A", what: str = "") -> None:
-    """Dense ``M``: ``ValueError`` on NaN/Inf, or when ``‖(M − Mᵀ)X‖_F > sqrt(eps) · ‖M X‖_F`` for some batch entry.
+def relative_asymmetry(M: Tensor, name: str = "A", what: str = "") -> float:
+    """Estimate of ``max_batch ‖M − Mᵀ‖_F / ‖M‖_F`` for a dense ``M``; ``ValueError`` on NaN/Inf.
 
-    ``X`` holds 4 fixed Gaussian probes, so the check is two thin products — ``O(n²)`` time, ``O(n)``
-    extra memory (no ``n x n`` temporaries) — and estimates ``‖M − Mᵀ‖_F / ‖M‖_F``
-    (``E‖B x‖² = ‖B‖_F²``). Round-off asymmetry of a kernel matrix is ``O(eps)``, far below the
-    threshold; a genuinely non-symmetric matrix is far above it. Lanczos silently assumes symmetry.
-    A NaN or Inf entry makes ``M X`` non-finite (NaN·x is NaN), so the same product finds it.
+    ``X`` holds 4 fixed Gaussian probes, so the estimate is two thin products — ``O(n²)`` time,
+    ``O(n)`` extra memory (no ``n x n`` temporaries) — using ``E‖B x‖² = ‖B‖_F²``. A NaN or Inf entry
+    makes ``M X`` non-finite (NaN·x is NaN), so the same product finds it.
     """
     if M.numel() == 0:
-        return
+        return 0.0
     with torch.no_grad():
         Md = M.detach()
         gen = torch.Generator().manual_seed(0)
@@ -91,7 +100,16 @@ def check_symmetric(M: Tensor, name: str = "A", what: str = "") -> None:
         asym = safe_matrix_norm(MX - Ms.mT @ X)
         size = safe_matrix_norm(MX)
         rel = torch.where(size > 0, asym / torch.where(size > 0, size, torch.ones_like(size)), asym)
-        worst = float(rel.max())
+        return float(rel.max())
+
+
+def check_symmetric(M: Tensor, name: str = "A", what: str = "") -> None:
+    """Dense ``M``: ``ValueError`` on NaN/Inf, or when ``‖M − Mᵀ‖_F > sqrt(eps) · ‖M‖_F`` (:func:`relative_asymmetry`).
+
+    Round-off asymmetry of a kernel matrix is ``O(eps)``, far below the threshold; a genuinely
+    non-symmetric matrix is far above it. Lanczos silently assumes symmetry.
+    """
+    worst = relative_asymmetry(M, name, what)
     tol = torch.finfo(M.dtype).eps ** 0.5
     if not worst <= tol:
         raise ValueError(
@@ -99,6 +117,33 @@ def check_symmetric(M: Tensor, name: str = "A", what: str = "") -> None:
             f"Lanczos needs a symmetric (Hermitian) operator: pass 0.5 * ({name} + {name}.mT) if the asymmetry "
             "is round-off."
         )
+
+
+def symmetrize_like_stock(A: Any) -> Any:
+    r"""The flag's forgiveness: a dense covariance asymmetric beyond ``sqrt(eps)`` is replaced by ``(A + Aᵀ)/2``.
+
+    Stock GPyTorch never checks symmetry (Cholesky reads one triangle, CG uses ``A`` as given), and
+    float32 posterior covariances are asymmetric at the 1e-2 level from round-off alone; under the flag
+    such a covariance gets a ``NumericalWarning`` instead of an error. Only ``DenseLinearOperator``\ s
+    (alone or as the base of an ``AddedDiagLinearOperator``) are checked; the direct
+    :func:`lanczos_grad_gp.inv_quad_logdet` keeps the strict check.
+    """
+    parts = added_diag_parts(A)
+    dense = parts[0] if parts is not None else A
+    if not isinstance(dense, DenseLinearOperator):
+        return A
+    T = dense.tensor
+    rel = relative_asymmetry(T, "A", " (the covariance operator)")
+    if rel <= torch.finfo(T.dtype).eps ** 0.5:
+        return A
+    warnings.warn(
+        f"lanczos_grad_gp: the covariance ({T.dtype}, n={T.shape[-1]}) is not symmetric "
+        f"(‖A − Aᵀ‖_F / ‖A‖_F ≈ {rel:.1e}); using (A + Aᵀ)/2, as round-off asymmetry calls for.",
+        NumericalWarning,
+        stacklevel=4,
+    )
+    sym = DenseLinearOperator(0.5 * (T + T.mT))
+    return AddedDiagLinearOperator(sym, parts[1]) if parts is not None else sym
 
 
 _NAN_ADVICE = (

@@ -121,6 +121,9 @@ def install() -> None:
                     from .functions.inv_quad_logdet import inv_quad_logdet as ours
 
                     op = symmetrize_like_stock(self.evaluate_kernel())  # as forgiving as stock: no asymmetry error
+                    if inv_quad_rhs is not None and inv_quad_rhs.dtype != op.dtype:  # promote, as log_prob does
+                        dtype = torch.promote_types(inv_quad_rhs.dtype, op.dtype)
+                        op, inv_quad_rhs = op.to(dtype), inv_quad_rhs.to(dtype)
                     return ours(op, inv_quad_rhs, bool(logdet), bool(reduce_inv_quad))
                 record(route)
                 check_finite_operator(self, "A", " (the covariance operator)")

@@ -156,3 +156,17 @@ def test_clearly_indefinite_matrix_still_raises():
     A = torch.diag(torch.tensor([1.0, 2.0, -1.0, 3.0], dtype=F64))
     with pytest.raises(Exception, match="positive definite"):
         lgg.inv_quad_logdet(A, torch.ones(4, 1, dtype=F64), logdet=True)
+
+
+@pytest.mark.usefixtures("lanczos_at_every_size")
+def test_inv_quad_logdet_hook_promotes_mixed_dtypes():
+    """A float32 operator with a float64 right-hand side (KISS-GP's finding) is promoted, not rejected."""
+    torch.manual_seed(0)
+    X = torch.randn(50, 50, dtype=F64)
+    K = X @ X.T / 50 + torch.eye(50, dtype=F64)
+    rhs = torch.randn(50, 1, dtype=F64)
+    with lgg.settings.use_lanczos_grad(), lgg.settings.lanczos_tol(1e-6):
+        iq, _ = DenseLinearOperator(K.float()).inv_quad_logdet(inv_quad_rhs=rhs, logdet=False)
+    assert iq.dtype == F64
+    exact = float(rhs.T @ torch.linalg.solve(K.float().double(), rhs))
+    assert abs(float(iq) - exact) < 1e-4 * exact

@@ -73,7 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small grid that finishes in a few minutes on 2 cores")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="folder with <name>/data.csv.gz per set (default: the bundled benchmarks/data)",
+    )
     p.add_argument("--datasets", nargs="+", default=None, help="UCI names under --data-dir, or 'synthetic'")
     p.add_argument("--n", nargs="+", type=int, default=None)
     p.add_argument("--noise", nargs="+", type=float, default=None)

@@ -19,7 +19,7 @@ import torch
 from lanczos_grad_gp.app.datasets import load_uci
 from lanczos_grad_gp.app.training import fit_and_evaluate
 
-from .common import DEFAULT_DATA_DIR, REPO_ROOT
+from .common import DEFAULT_DATA_DIR, REPO_ROOT, dataset_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--methods", nargs="+", default=["ours", "gpytorch", "cholesky"])
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="folder with <name>/data.csv.gz per set (default: the bundled benchmarks/data)",
+    )
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     p.add_argument("--tag", default=None, help="file stem of the outputs (default 'train_quick' or 'train_full')")
     args = p.parse_args(argv)
@@ -40,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     tag = args.tag or ("train_quick" if args.quick else "train_full")
     rows = []
     for ds in args.datasets:
-        data = load_uci(args.data_dir / ds, n=n, seed=0, test_fraction=0.1, dtype=getattr(torch, args.dtype))
+        data = load_uci(
+            dataset_dir(args.data_dir, ds), n=n, seed=0, test_fraction=0.1, dtype=getattr(torch, args.dtype)
+        )
         for method in args.methods:
             t0 = time.perf_counter()
             res = fit_and_evaluate(data, method, steps=steps, lr=args.lr, seed=0, progress=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from linear_operator.operators import AddedDiagLinearOperator, LinearOperator
+from linear_operator.operators import AddedDiagLinearOperator, CatLinearOperator, LinearOperator
 from torch import Tensor
 
 __all__ = [
@@ -42,6 +42,11 @@ def bilinear_derivative(op: LinearOperator, left: Tensor, right: Tensor) -> tupl
 
 def get_entries(op: LinearOperator, row: Tensor, col: Tensor, *batch: Tensor) -> Tensor:
     """Entries ``op[..., row, col]`` without evaluating the operator (``_get_indices``)."""
+    if isinstance(op, CatLinearOperator) and not batch:  # MultiDeviceKernel: row blocks on several devices
+        from .distributed.multi_device import cat_get_entries, is_multi_device_rows
+
+        if is_multi_device_rows(op):
+            return cat_get_entries(op, row, col)
     return op._get_indices(row, col, *batch)
 
 

@@ -4,7 +4,7 @@ Both solve the same dense float64 RBF kernel matrix ``K = exp(-|x - x'|^2 / (2 l
 same ``k``, ``which``, tolerance and Krylov size (``ncv``), each counting operator applications (matvecs).
 The eigenvalues must agree to ``10 * tol`` relative (the script fails otherwise). Prints a markdown table.
 
-Data: the UCI protein data set (``../shared/data/uci/protein/data.csv.gz``, features z-scored, the first
+Data: the UCI protein data set (bundled: ``benchmarks/data/protein/data.csv.gz``, features z-scored, the first
 ``n`` rows of a seeded permutation), or a synthetic Gaussian sample with ``--synthetic``.
 
 Usage::
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import time
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse.linalg as sla
@@ -26,7 +25,9 @@ import torch
 
 from lanczos_grad_gp.eigen import lanczos
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci" / "protein" / "data.csv.gz"
+from .common import DEFAULT_DATA_DIR
+
+DATA = DEFAULT_DATA_DIR / "protein" / "data.csv.gz"
 
 
 def load_points(n: int, synthetic: bool, seed: int) -> tuple[np.ndarray, str]:

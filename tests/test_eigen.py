@@ -31,6 +31,15 @@ WHICH = ("LM", "LA", "SA")
 UCI = Path(__file__).parents[1].parent / "shared" / "data" / "uci"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small dense products: one thread avoids oversubscription on shared CPUs (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tol_for(dtype: torch.dtype) -> float:
     return 1e-8 if dtype == torch.float64 else 1e-4
 

@@ -175,6 +175,7 @@ def test_mean_function_gradient() -> None:
 
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name,noise", [("protein", 0.1), ("elevators", 0.01)])
+@pytest.mark.usefixtures("lanczos_at_every_size")  # n = 1500 <= 4096, BoTorch's threshold once imported
 def test_real_data_value_and_gradient(name, noise) -> None:
     x, y = load_uci(name, 1500)
     ref_v, ref_g = cholesky_reference(x, y, noise=noise)

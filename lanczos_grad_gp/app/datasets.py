@@ -2,8 +2,10 @@
 
 Files are comma-separated numbers without a header, one row per example, the target in the
 last column, optionally gzip-compressed (``.csv`` or ``.csv.gz``). The package bundles the
-*concrete* set (1030 × 8; see ``lanczos_grad_gp/app/data/README.md`` for attribution); larger sets
-live under ``../shared/data/uci/<name>/data.csv.gz`` next to a development checkout.
+*concrete* set (1030 × 8) and a 5000-row *protein* sample (the demo's default; see
+``lanczos_grad_gp/app/data/README.md`` for attribution). Larger sets are looked up in
+``$LGG_DATA_DIR`` (or a ``shared/data/uci`` folder next to a development checkout); the
+benchmarks' sets are bundled in the repository's ``benchmarks/data``.
 
 Example:
     >>> from lanczos_grad_gp.app.datasets import load_default

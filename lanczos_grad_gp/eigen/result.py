@@ -6,7 +6,40 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["EigenResult", "TraceResult", "SpectralDensity", "ExtremeEigenvalues", "ConditionNumber"]
+__all__ = [
+    "EigenResult",
+    "LanczosDiagnostics",
+    "TraceResult",
+    "SpectralDensity",
+    "ExtremeEigenvalues",
+    "ConditionNumber",
+]
+
+
+@dataclass(frozen=True)
+class LanczosDiagnostics:
+    """How :func:`~lanczos_grad_gp.eigen.lanczos` got its result.
+
+    Attributes:
+        block_size: ``b``, the columns of each Lanczos block.
+        num_matvecs: every product with the operator ``A`` (vectors): iteration, deflated checks,
+            repairs, the final residual product, and for shift-invert the inner solves.
+        verified: ``(*b)`` all pairs converged and the deflated check (:mod:`~lanczos_grad_gp.eigen.verify`)
+            found no eigenvalue beyond them in their orthogonal complement (False where no check ran).
+        checks: deflated checks run; repairs: restarts from a check's findings.
+        sigma: the shift of shift-invert (``None``: plain mode).
+        solve_matvecs: products with ``A`` inside the shift-invert solves (0 in plain mode).
+        solve_worst_residual: the largest relative residual of an inner solve (0 in plain mode).
+    """
+
+    block_size: int
+    num_matvecs: int
+    verified: Tensor
+    checks: int
+    repairs: int
+    sigma: float | None = None
+    solve_matvecs: int = 0
+    solve_worst_residual: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -15,15 +48,17 @@ class EigenResult:
 
     Attributes:
         eigenvalues: ``(*b, k)`` ordered by ``which`` (``"LM"``: decreasing ``|λ|``, ``"LA"``:
-            decreasing, ``"SA"``: increasing). Differentiable w.r.t. the operator's tensors
-            (``∂λ_i = y_i^T ∂A y_i``) for :func:`~lanczos_grad_gp.eigen.lanczos`.
+            decreasing, ``"SA"``: increasing; with ``sigma``: increasing ``|λ − σ|``). Differentiable
+            w.r.t. the operator's tensors (``∂λ_i = y_i^T ∂A y_i``).
         eigenvectors: ``(*b, k, n)`` orthonormal rows ``y_i`` (detached).
         residuals: ``(*b, k)`` TRUE residuals ``‖A y_i − λ_i y_i‖`` against the original operator.
-        iterations: ``(*b)`` int64, operator applications (Lanczos steps / power iterations)
-            used; ``int(result.iterations)`` for an unbatched operator.
+        iterations: ``(*b)`` int64, operator applications (vectors: Lanczos block columns including
+            the deflated checks / power iterations) used; for shift-invert applications of
+            ``(A − σI)^{-1}``. ``int(result.iterations)`` for an unbatched operator.
         converged: ``(*b, k)`` whether the algorithm's stopping test passed for each pair (for
-            :func:`~lanczos_grad_gp.eigen.lanczos` also confirmed by the TRUE residual,
-            ``≤ 10·tol·max(|λ|, ε^{2/3}‖A‖) + 100 ε ‖A‖``).
+            :func:`~lanczos_grad_gp.eigen.lanczos`: the TRUE residual is
+            ``≤ 10·tol·max(|λ|, ε^{2/3}‖A‖) + 100 ε ‖A‖`` AND the deflated check supports the pair).
+        diagnostics: :class:`LanczosDiagnostics` (``None`` for power iteration).
     """
 
     eigenvalues: Tensor
@@ -31,6 +66,7 @@ class EigenResult:
     residuals: Tensor
     iterations: Tensor
     converged: Tensor
+    diagnostics: LanczosDiagnostics | None = None
 
 
 @dataclass(frozen=True)
@@ -77,13 +113,17 @@ class ExtremeEigenvalues:
     some eigenvalue lies in ``[θ − r, θ + r]`` (Kahan–Parlett), and by interlacing
     ``θ_max ≤ λ_max`` and ``λ_min ≤ θ_min``. Hence ``λ_max ∈ [θ_max, θ_max + r_max]`` and
     ``λ_min ∈ [θ_min − r_min, θ_min]``; the outer ends assume the Ritz value approximates the
-    extreme eigenvalue (not an interior one), which holds once Lanczos has converged there.
+    extreme eigenvalue (not an interior one), which holds once Lanczos has converged there. An end
+    that did not converge (or whose Krylov space broke down with no restart left) has the outer
+    bound ``±inf``: only the interlacing side is known.
 
     Attributes:
         lambda_max, lambda_min: ``(*b)`` Ritz estimates ``θ_max``, ``θ_min``.
         lambda_max_bounds, lambda_min_bounds: ``(*b, 2)`` ``[lower, upper]`` intervals.
         residual_max, residual_min: ``(*b)`` true residuals ``r_max``, ``r_min``.
-        iterations: ``(*b)`` Lanczos steps.
+        iterations: ``(*b)`` Lanczos steps (all restarts).
+        converged_max, converged_min: ``(*b)`` the end met the tolerance with no unresolved breakdown.
+        restarts: restarts after a breakdown (an invariant start subspace).
     """
 
     lambda_max: Tensor
@@ -93,6 +133,9 @@ class ExtremeEigenvalues:
     residual_max: Tensor
     residual_min: Tensor
     iterations: Tensor
+    converged_max: Tensor | None = None
+    converged_min: Tensor | None = None
+    restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,11 +145,14 @@ class ConditionNumber:
     Attributes:
         estimate: ``(*b)`` ``θ_max / θ_min``.
         lower: ``(*b)`` ``θ_max / θ_min`` is also a rigorous lower bound by interlacing.
-        upper: ``(*b)`` ``(θ_max + r_max) / (θ_min − r_min)`` (``inf`` when ``θ_min ≤ r_min``).
+        upper: ``(*b)`` ``(θ_max + r_max) / (θ_min − r_min)`` (``inf`` when ``θ_min ≤ r_min`` or an end
+            did not converge).
         extremes: the underlying :class:`ExtremeEigenvalues`.
+        converged: ``(*b)`` both ends converged.
     """
 
     estimate: Tensor
     lower: Tensor
     upper: Tensor
     extremes: ExtremeEigenvalues
+    converged: Tensor | None = None

@@ -1,35 +1,20 @@
-r"""Top-``k`` eigenpairs by thick-restart Lanczos.
+r"""Top-``k`` eigenpairs by thick-restart block Lanczos, verified by a deflated check.
 
-Lanczos (1950) builds an orthonormal basis ``Q`` of the Krylov space
-``span(v, Av, …, A^{m-1} v)`` with ``A Q = Q T + r e_m^\top``, ``T`` tridiagonal. The Ritz pairs
-``(θ_i, Q s_i)`` of ``T = S diag(θ) S^\top`` approximate the outer eigenpairs of ``A`` and
-``‖A Q s_i − θ_i Q s_i‖ = ‖r‖ |s_{m,i}|`` (Paige 1976) costs nothing to evaluate.
+The iteration (:mod:`.block`) grows a block Krylov space ``span(V, AV, A²V, …)`` from ``b`` random
+columns (``block_size``), fully reorthogonalised, with explicit Rayleigh–Ritz on the stored basis
+and its products: Ritz pairs ``(θ_i, y_i)`` with TRUE residuals ``‖A y_i − θ_i y_i‖``, thick restarts
+when the basis reaches ``ncv`` vectors (Wu & Simon 2000; Saad 2011, §8.4). A pair is converged when
+its residual is ``≤ tol · max(|θ_i|, ε^{2/3}‖A‖) + 100 ε ‖A‖`` (the ARPACK rule).
 
-Thick restart (Wu & Simon 2000; Saad, *Numerical Methods for Large Eigenvalue Problems*,
-2nd ed., §8.4): after a cycle, keep the ``l`` most wanted Ritz vectors ``Y = Q S_l`` and
-continue from ``q = r/‖r‖``. Because ``A Y = Y Θ + r s^\top`` with ``s = S_l^\top e_m``, the new
-projected matrix is an arrowhead plus a tridiagonal,
+Multiplicities: a block of ``b`` vectors finds up to ``b`` copies of a repeated eigenvalue; a single
+vector sees one vector per eigenspace, and its residuals look perfect while a copy is missing. So
+after convergence a deflated check (:mod:`.verify`) searches ``span(Y)^⊥`` from a fresh random block:
+a Ritz value there beyond the least wanted returned eigenvalue proves a pair is missing, the
+iteration restarts from the found vectors plus the new direction, and a pair the last check does
+not support is reported unconverged with a ``NumericalWarning``.
 
-.. math::
-    H = \begin{pmatrix} Θ & c\,e_1^\top \\ e_1 c^\top & T' \end{pmatrix},\qquad c = ‖r‖\, s,
-
-where ``T'`` is the Lanczos tridiagonal of ``A`` restricted to ``span(Y)^⊥`` from ``q``
-(``span(Y) ⊕ K_j(PAP, q) = span(Y) ⊕ K_j(A, q)``, ``P = I − Y Y^\top``). The loop is the
-package's one Lanczos loop, :func:`lanczos_grad_gp.lanczos.lanczos_tridiag`, with
-``orthogonal_to=Y`` (every new vector is explicitly orthogonalised against ``Y``; projecting
-only the matmul is unstable, the recurrence then amplifies ``Y``-components like a Lanczos
-polynomial outside the spectrum); the basis size stays
-``≤ ncv`` so full reorthogonalization costs ``O(ncv · n)`` per step.
-
-Stopping: pair ``i`` is converged when ``‖r‖ |z_{last,i}| ≤ tol · max(|θ_i|, ε^{2/3} ‖H‖)``
-(the ARPACK rule, relative residual), checked every ``check_every`` steps through
-``stop_fn`` (one host sync per check, none per step) and at the end of each cycle.
-Reported residuals are TRUE ``‖A y_i − λ_i y_i‖`` from one extra batched matmul.
-
-Limitation (shared with ARPACK): a single-vector Krylov method sees one vector per exactly
-repeated eigenvalue; a multiplicity is found after a breakdown (restart from a fresh random
-vector orthogonal to ``Y``) or, slowly, through rounding. Clusters of distinct eigenvalues
-converge.
+Shift-invert (``sigma``): the eigenvalues nearest ``σ`` as the largest of ``(A − σI)^{-1}``
+(:mod:`.shift_invert`).
 
 Example:
     >>> import torch
@@ -39,19 +24,28 @@ Example:
     >>> res = lanczos(A, k=3, tol=1e-10, seed=0)
     >>> bool(torch.allclose(res.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:3]))
     True
+    >>> Q, _ = torch.linalg.qr(torch.randn(100, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    >>> B = (Q * torch.cat([torch.full((4,), 10.0), torch.linspace(0, 5, 96)]).double()) @ Q.T  # 10 four times
+    >>> lanczos(B, k=4, which="LA", block_size=4, seed=0).eigenvalues
+    tensor([10.0000, 10.0000, 10.0000, 10.0000], dtype=torch.float64)
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from ..core.lanczos import LanczosResult, lanczos_tridiag
+from ..diagnostics import warn_not_converged
+from .block import KrylovOptions, block_krylov, compute_dtype
 from .grad import differentiable_eigenvalues
-from .inputs import PreparedOperator, check_k, check_tol, prepare_operator, randn, resolve_generator
-from .result import EigenResult
+from .inputs import PreparedOperator, check_k, check_tol, prepare_operator, resolve_generator
+from .result import EigenResult, LanczosDiagnostics
+from .ritz import sort_key
+from .shift_invert import ShiftInvert, shift_invert
+from .verify import verify_and_repair
 
 __all__ = ["lanczos", "Which", "sort_key", "check_which"]
 
@@ -64,160 +58,57 @@ def check_which(which: object) -> str:
     return str(which)
 
 
-def sort_key(theta: Tensor, which: str) -> Tensor:
-    """Larger key = more wanted: ``|θ|`` (LM), ``θ`` (LA), ``−θ`` (SA)."""
-    if which == "LM":
-        return theta.abs()
-    return theta if which == "LA" else -theta
+def _positive_int(name: str, value: object, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
+    return value
 
 
-def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    return dtype if device.type == "mps" else torch.float64
-
-
-class _Projected:
-    """Projected arrowhead/tridiagonal eigenproblem of one cycle (all ``(*b, …)`` in float64).
-
-    Attributes:
-        values: ``(*b, L)`` Ritz values sorted by ``which`` (padding last).
-        vectors: ``(*b, L, L)`` eigenvectors ``Z`` of ``H`` in the same order.
-        is_pad: ``(*b, L)`` Ritz pairs living on padding (no information).
-        estimate: ``(*b, L)`` Ritz residual estimates ``‖r‖ |z_{last,i}|``.
-        converged: ``(*b, L)`` estimate ≤ tol · max(|θ|, ε^{2/3}‖H‖) and not padding.
-        last_row: ``(*b, L)`` signed ``z_{last,i}``.
-    """
-
-    def __init__(
-        self, theta: Tensor, coup: Tensor, yvalid: Tensor, res: LanczosResult, which: str, tol: float, eps: float
-    ) -> None:
-        cdt = theta.dtype
-        l = theta.shape[-1]
-        m = res.num_steps
-        L = l + m
-        T = res.tridiag()[..., 0, :, :].to(cdt)  # (*b, m, m)
-        its = res.iterations[..., 0]  # (*b,)
-        qvalid = torch.arange(m, device=its.device) < its.unsqueeze(-1)  # (*b, m)
-        valid = torch.cat([yvalid, qvalid], -1)  # (*b, L)
-        batch = T.shape[:-2]
-        H = T.new_zeros(*batch, L, L)
-        H[..., :l, :l] = torch.diag_embed(theta)
-        H[..., l:, l:] = T
-        has_q = (its > 0).to(cdt).unsqueeze(-1)
-        H[..., :l, l] = coup * has_q
-        H[..., l, :l] = coup * has_q
-        H = H * (valid.unsqueeze(-1) & valid.unsqueeze(-2))  # decouple padding
-        nb = H.abs().sum(-1).amax(-1, keepdim=True)  # (*b, 1) ≥ ‖H‖_2
-        pad = {"LM": torch.zeros_like(nb), "LA": -2 * nb - 1, "SA": 2 * nb + 1}[which]
-        H = H + torch.diag_embed(torch.where(valid, torch.zeros_like(H[..., 0]), pad.expand(*batch, L)))
-        vals, Z = torch.linalg.eigh(H)
-        is_pad = (Z.square() * (~valid).to(cdt).unsqueeze(-1)).sum(-2) > 0.5
-        key = torch.where(is_pad, torch.full_like(vals, -float("inf")), sort_key(vals, which))
-        order = key.argsort(dim=-1, descending=True, stable=True)
-        self.values = vals.gather(-1, order)
-        self.vectors = Z.gather(-1, order.unsqueeze(-2).expand_as(Z))
-        self.is_pad = is_pad.gather(-1, order)
-        last = (l + its - 1).clamp_min(0)  # (*b,)
-        idx = last.view(*batch, 1, 1).expand(*batch, 1, L)
-        self.last_row = self.vectors.gather(-2, idx).squeeze(-2) * has_q
-        beta = res.residual_norm[..., 0].to(cdt).unsqueeze(-1)
-        self.estimate = beta * self.last_row.abs()
-        scale = torch.maximum(self.values.abs(), eps ** (2.0 / 3.0) * nb)
-        self.converged = (self.estimate <= tol * scale) & ~self.is_pad
-
-
-def _restart_vector(
-    r: Tensor, beta: Tensor, fresh: Tensor, Y: Tensor, gen: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """Next start ``(*b, n, 1)``: ``r/‖r‖``, or a random vector where ``fresh``; both ⊥ ``Y`` (twice)."""
-    rnd = randn(tuple(r.shape), gen, r.dtype, r.device)
-    q = torch.where(fresh.view(*fresh.shape, 1, 1), rnd, r)
-    for _ in range(2):
-        q = q - Y @ (Y.mT @ q)
-    nrm = torch.linalg.vector_norm(q, dim=-2, keepdim=True)
-    q = q / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
-    return q, fresh
-
-
-def _thick_restart(
-    op: PreparedOperator,
-    *,
-    k: int,
-    which: str,
-    tol: float,
-    ncv: int,
-    keep: int,
-    max_iter: int,
-    reorthogonalize: bool,
-    check_every: int,
-    gen: torch.Generator | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``values (*b,k)`` float64, ``vectors (*b,n,k)``, ``converged (*b,k)``, ``iterations (*b)``, ``‖H‖``."""
-    batch, n, dtype, device = tuple(op.batch_shape), op.n, op.dtype, op.device
-    cdt = _compute_dtype(dtype, device)
-    eps = torch.finfo(dtype).eps
-    Y = torch.zeros(*batch, n, 0, dtype=dtype, device=device)  # kept Ritz vectors
-    theta = torch.zeros(*batch, 0, dtype=cdt, device=device)
-    coup = torch.zeros_like(theta)
-    yvalid = torch.zeros(*batch, 0, dtype=torch.bool, device=device)
-    v = randn((*batch, n, 1), gen, dtype, device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    iters = torch.zeros(batch, dtype=torch.long, device=device)
-    out_vals = torch.zeros(*batch, k, dtype=cdt, device=device)
-    out_vecs = torch.zeros(*batch, n, k, dtype=dtype, device=device)
-    out_conv = torch.zeros(*batch, k, dtype=torch.bool, device=device)
-    total = 0
-    while True:
-        l = Y.shape[-1]
-        budget = min(ncv - l, max_iter - total)
-
-        def stop_fn(partial: LanczosResult, theta: Tensor = theta, coup: Tensor = coup, yv: Tensor = yvalid) -> Tensor:
-            proj = _Projected(theta, coup, yv, partial, which, tol, eps)
-            return proj.converged[..., :k].all(-1, keepdim=True)
-
-        v0 = v * (~done).to(dtype).view(*batch, 1, 1)
-        res = lanczos_tridiag(
-            op.matmul,
-            v0,
-            max_iter=budget,
-            reorthogonalize=reorthogonalize,
-            stop_fn=stop_fn,
-            check_every=check_every,
-            allow_zero=True,
-            orthogonal_to=Y if l else None,
+def _options(
+    n: int, k: int, b: int, which: str, tol: float, max_iter: int | None, ncv: int | None, check_every: int | None
+) -> KrylovOptions:
+    """Resolve the defaults: ``ncv = max(2k + 1, 20, k + 4b)``, ``keep ≈ k + (ncv − k)/2``, budget."""
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k):
+        raise ValueError(
+            f"max_iter must be an int >= k={k} (the Krylov space must hold k Ritz vectors); got {max_iter!r}."
         )
-        if not bool(torch.isfinite(res.alpha).all() & torch.isfinite(res.beta).all()):
-            raise ValueError("The operator produced NaN or Inf in a matrix-vector product.")
-        total += res.num_steps
-        iters = iters + res.iterations[..., 0] * (~done)
-        proj = _Projected(theta, coup, yvalid, res, which, tol, eps)
-        L = proj.values.shape[-1]
-        lnew = min(keep, L)
-        ncols = min(max(lnew, k), L)
-        Zk = proj.vectors[..., :ncols].to(dtype)  # (*b, L, ncols)
-        Qb = res.basis[..., 0, :, :].mT  # (*b, n, m)
-        Yall = Y @ Zk[..., :l, :] + Qb @ Zk[..., l:, :]  # (*b, n, ncols) Ritz vectors
-        Ynew = Yall[..., :lnew]
-        if L >= k:
-            conv_k = proj.converged[..., :k]
-            keep_old = done.unsqueeze(-1)
-            out_vals = torch.where(keep_old, out_vals, proj.values[..., :k])
-            out_vecs = torch.where(keep_old.unsqueeze(-2), out_vecs, Yall[..., :k])
-            out_conv = torch.where(keep_old, out_conv, conv_k)
-            done = done | conv_k.all(-1)
-        if bool(done.all()) or total >= max_iter:
-            anorm = torch.where(proj.is_pad, torch.zeros_like(proj.values), proj.values.abs()).amax(-1)
-            return out_vals, out_vecs, out_conv, iters, anorm
-        beta = res.residual_norm[..., 0]
-        fresh = res.broke_down[..., 0] | (res.iterations[..., 0] == 0)
-        rvec = res.residual_vector
-        assert rvec is not None
-        v, fresh = _restart_vector(rvec, beta, fresh, Ynew, gen)
-        Y = Ynew
-        theta = proj.values[..., :lnew]
-        coup = torch.where(
-            fresh.unsqueeze(-1), torch.zeros_like(theta), beta.to(cdt).unsqueeze(-1) * proj.last_row[..., :lnew]
-        )
-        yvalid = ~proj.is_pad[..., :lnew]
+    if ncv is None:
+        ncv = min(n, max(2 * k + 1, 20, k + 4 * b))
+        if max_iter is not None:
+            ncv = max(min(ncv, max_iter), min(k + 1, n))
+    elif isinstance(ncv, bool) or not isinstance(ncv, int) or not (min(k + 1, n) <= ncv <= n):
+        raise ValueError(f"ncv must be an int with min(k + 1, n) <= ncv <= n = {n}; got {ncv!r}.")
+    if max_iter is None:
+        max_iter = max(1000, 50 * ncv)
+    if check_every is None:
+        check_every = max(1, (ncv - k) // (4 * b))
+    check_every = _positive_int("check_every", check_every)
+    keep = max(min(k, ncv - 1), min(ncv - 1, k + max(1, (ncv - k) // 2)))
+    return KrylovOptions(
+        k=k,
+        block_size=b,
+        which=which,
+        tol=tol,
+        ncv=ncv,
+        keep=max(keep, 1),
+        max_matvecs=max_iter,
+        check_every=check_every,
+    )
+
+
+def _final_pairs(op: PreparedOperator, V: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Rayleigh–Ritz of ``A`` on ``span(V)`` with ONE product: values (nearest ``sigma`` first), vectors, residuals."""
+    Vq, _ = torch.linalg.qr(V)
+    AV = op.matmul(Vq)  # the one extra matmul for TRUE residuals
+    cdt = compute_dtype(op.dtype, op.device)
+    H = (Vq.mT @ AV).to(cdt)
+    theta, Z = torch.linalg.eigh(0.5 * (H + H.mT))
+    order = (theta - sigma).abs().argsort(dim=-1, stable=True)
+    theta, Z = theta.gather(-1, order), Z.gather(-1, order.unsqueeze(-2).expand_as(Z)).to(op.dtype)
+    Y, AY = Vq @ Z, AV @ Z
+    values = theta.to(op.dtype)
+    residuals = torch.linalg.vector_norm(AY - Y * values.unsqueeze(-2), dim=-2)
+    return values, Y, residuals
 
 
 def lanczos(
@@ -232,87 +123,124 @@ def lanczos(
     generator: torch.Generator | None = None,
     ncv: int | None = None,
     check_every: int | None = None,
+    block_size: int = 1,
+    verify: bool | int = True,
+    sigma: float | None = None,
+    solve_tol: float | None = None,
+    solve_max_iter: int = 500,
 ) -> EigenResult:
-    r"""``k`` eigenpairs of a symmetric operator by thick-restart Lanczos (see the module docstring).
+    r"""``k`` eigenpairs of a symmetric operator by thick-restart block Lanczos (see the module docstring).
 
     Args:
-        operator: symmetric LinearOperator, dense ``(*b, n, n)`` tensor, or ``(matvec, n)`` /
-            ``(matvec, n, dtype, device)`` tuple. Batched operators give batched results.
+        operator: symmetric LinearOperator (GPyTorch lazy kernels by row blocks), dense ``(*b, n, n)``
+            tensor, :class:`~lanczos_grad_gp.eigen.curvature.CurvatureOperator` (Hessian / GGN), an
+            object with hessian-eigenthings' interface, or a ``(matvec, n[, dtype, device])`` tuple.
+            Batched operators give batched results; half precision runs in float32 (warned).
         k: number of eigenpairs, ``1 ≤ k ≤ n``.
-        max_iter: budget of Lanczos steps (operator applications) over all restarts.
-            ``None``: ``max(1000, 50 · ncv)``. A budget ``≤ ncv`` is a single unrestarted run
-            with a Krylov dimension of ``max_iter`` (the hessian-eigenthings meaning).
-        tol: relative Ritz residual ``‖r‖|z_{last,i}| / |θ_i|`` at which a pair is converged.
-        reorthogonalize: full reorthogonalization. ``None`` (auto) means ``True``: Ritz
-            *vectors* need an orthonormal basis (without it, converged pairs reappear as ghost
-            copies, Paige 1976), and with restarts the basis never exceeds ``ncv`` vectors, so the
-            cost ``O(ncv · n)`` per step is below one dense matvec. ``False`` runs the plain
-            three-term recurrence (still orthogonal to the kept Ritz vectors).
-        which: ``"LM"`` largest magnitude, ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic.
-        seed: seed of a local ``torch.Generator`` on the operator's device for the start vector.
+        max_iter: budget of operator applications (vectors, all blocks and restarts; repairs after a
+            deflated check share it). ``None``: ``max(1000, 50 · ncv)``. A budget ``≤ ncv`` is a single
+            unrestarted run with a Krylov dimension of ``max_iter`` (the hessian-eigenthings meaning).
+        tol: relative residual ``‖A y − θ y‖ / |θ|`` at which a pair is converged.
+        reorthogonalize: ``None``/``True``: full reorthogonalization (Ritz vectors need an orthonormal
+            basis; the basis never exceeds ``ncv`` vectors, so it costs ``O(ncv · n)`` per vector).
+            ``False``: only against the kept Ritz vectors and the last two blocks, with a Rayleigh–Ritz
+            that does not assume orthonormality (:mod:`.ritz`).
+        which: ``"LM"`` largest magnitude, ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic
+            (ignored with ``sigma``).
+        seed: seed of a local ``torch.Generator`` on the operator's device for the random blocks.
         generator: an explicit ``torch.Generator`` (on the operator's device) instead of ``seed``.
-        ncv: Krylov subspace size per cycle; ``None``: ``min(n, max(2k + 1, 20), max_iter)``
-            (ARPACK's default).
-        check_every: Lanczos steps between convergence checks inside a cycle (host syncs).
+        ncv: basis size per cycle; ``None``: ``min(n, max(2k + 1, 20, k + 4 b))`` (ARPACK's for ``b = 1``).
+        check_every: blocks between convergence checks inside a cycle.
+        block_size: ``b`` columns per Lanczos block; multiplicities up to ``b`` are found directly, one
+            operator call per block (a Hessian operator batches its ``b`` products).
+        verify: run the deflated check after convergence (``True``: ``max(10, ncv // 2)`` applications;
+            an int: that many). ``False``: ``converged`` reflects the residuals only.
+        sigma: shift-invert: the ``k`` eigenvalues nearest ``sigma`` (scipy ``eigsh`` convention),
+            ordered by increasing ``|λ − σ|``.
+        solve_tol: relative residual of the shift-invert inner solves (``None``: ``max(tol/10, 100 ε)``).
+        solve_max_iter: Lanczos–MINRES steps per inner solve.
 
     Returns:
-        :class:`EigenResult`; eigenvalues are differentiable w.r.t. the operator's tensors
-        (``∂λ_i = y_i^T ∂A y_i``, one ``_bilinear_derivative`` call in backward).
+        :class:`EigenResult` with :class:`LanczosDiagnostics`; eigenvalues are differentiable w.r.t. the
+        operator's tensors (``∂λ_i = y_i^T ∂A y_i``, one ``_bilinear_derivative`` call in backward).
+        Unconverged or unsupported pairs raise a ``NumericalWarning`` and have ``converged=False``.
 
     Raises:
-        ValueError: ``k`` outside ``[1, n]``, non-square or non-symmetric dense input, bad
-            ``which``, negative ``tol``, bad ``max_iter``/``ncv``, ``seed`` with ``generator``.
+        ValueError: ``k`` outside ``[1, n]``, non-square or non-symmetric dense input, bad ``which``,
+            negative ``tol``, bad ``max_iter``/``ncv``/``block_size``, ``seed`` with ``generator``.
     """
     which = check_which(which)
     tol = check_tol(tol)
     op = prepare_operator(operator)
     n = op.n
     k = check_k(k, n)
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k):
-        raise ValueError(
-            f"max_iter must be an int >= k={k} (the Krylov space must hold k Ritz vectors); got {max_iter!r}."
-        )
-    if ncv is None:
-        ncv = min(n, max(2 * k + 1, 20))
-        if max_iter is not None:
-            ncv = max(min(ncv, max_iter), min(k + 1, n))
-    elif isinstance(ncv, bool) or not isinstance(ncv, int) or not (min(k + 1, n) <= ncv <= n):
-        raise ValueError(f"ncv must be an int with min(k + 1, n) <= ncv <= n = {n}; got {ncv!r}.")
-    if max_iter is None:
-        max_iter = max(1000, 50 * ncv)
-    if check_every is None:
-        check_every = max(5, (ncv - k) // 4)
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"check_every must be a positive int; got {check_every!r}.")
-    reorth = True if reorthogonalize is None else bool(reorthogonalize)
+    b = _positive_int("block_size", block_size)
+    if b > n:
+        raise ValueError(f"block_size={b} exceeds the operator size n={n}.")
+    if isinstance(verify, bool):
+        steps = None if verify else 0
+    else:
+        steps = _positive_int("verify", verify)
+    opts = _options(n, k, b, "LM" if sigma is not None else which, tol, max_iter, ncv, check_every)
+    if steps is None:
+        steps = max(10, opts.ncv // 2)
+    opts = replace(opts, full_reorth=True if reorthogonalize is None else bool(reorthogonalize))
     gen = resolve_generator(seed, generator, op.device)
-    keep = max(1, min(ncv - 1, k + max(1, (ncv - k) // 2)))  # kept Ritz vectors per restart
-    vals, vecs, conv, iters, anorm = _thick_restart(
-        op,
-        k=k,
-        which=which,
-        tol=tol,
-        ncv=ncv,
-        keep=keep,
-        max_iter=max_iter,
-        reorthogonalize=reorth,
-        check_every=check_every,
-        gen=gen,
-    )
-    values = vals.to(op.dtype)  # (*b, k)
-    AV = op.matmul(vecs)  # (*b, n, k): the one extra matmul for TRUE residuals
-    residuals = torch.linalg.vector_norm(AV - vecs * values.unsqueeze(-2), dim=-2)
-    # Ritz estimates ignore the rounding drift of thick restarts: confirm against the TRUE residual,
-    # allowing 10x the requested tolerance plus a rounding floor of ~100 eps ||A||.
     eps = torch.finfo(op.dtype).eps
-    anorm = anorm.to(op.dtype).unsqueeze(-1)
-    scale = torch.maximum(values.abs(), eps ** (2.0 / 3.0) * anorm)
-    conv = conv & (residuals <= 10 * tol * scale + 100 * eps * anorm)
+    solver: ShiftInvert | None = None
+    matmul = op.matmul
+    if sigma is not None:
+        stol = max(tol / 10, 100 * eps) if solve_tol is None else check_tol(solve_tol)
+        solver = shift_invert(op, sigma, tol=stol, max_iter=_positive_int("solve_max_iter", solve_max_iter))
+        matmul = solver
+    shape = (op.batch_shape, n, op.dtype, op.device)
+    outcome = block_krylov(matmul, shape, opts, gen)
+    main_matvecs = outcome.matvecs
+    checked = None
+    if steps > 0:
+        checked = verify_and_repair(
+            matmul, shape, opts, outcome, steps=steps, budget=max(0, opts.max_matvecs - outcome.matvecs), gen=gen
+        )
+        outcome = checked.outcome
+    if solver is None:
+        values, vecs = outcome.values.to(op.dtype), outcome.vectors
+        AV = op.matmul(vecs)  # the one extra matmul for TRUE residuals
+        residuals = torch.linalg.vector_norm(AV - vecs * values.unsqueeze(-2), dim=-2)
+        anorm = torch.maximum(values.abs().amax(-1), outcome.anorm.to(op.dtype))
+    else:  # the products S y are one inverse-iteration step better than y (module shift_invert)
+        values, vecs, residuals = _final_pairs(op, outcome.products, float(sigma))  # type: ignore[arg-type]
+        anorm = torch.clamp_min(values.abs().amax(-1), abs(float(sigma)))  # type: ignore[arg-type]
+    # Ritz data ignore the rounding drift of restarts: confirm against the TRUE residual, allowing
+    # 10x the requested tolerance plus a rounding floor of ~100 eps ||A||
+    scale = torch.maximum(values.abs(), eps ** (2.0 / 3.0) * anorm.unsqueeze(-1))
+    conv = outcome.converged & (residuals <= 10 * tol * scale + 100 * eps * anorm.unsqueeze(-1))
+    if checked is not None:
+        conv = conv & checked.supported
+    if not bool(conv.all()):
+        detail = (
+            f"{int((~conv).sum())} of {conv.numel()} eigenpairs not converged (residual above tol, or the "
+            "deflated check found an eigenvalue beyond them)"
+        )
+        warn_not_converged("eigen.lanczos", detail, "Raise max_iter or ncv, or use block_size >= the multiplicity.")
+    extra = checked.matvecs if checked is not None else 0
+    diag = LanczosDiagnostics(
+        block_size=b,
+        num_matvecs=(solver.matvecs if solver is not None else main_matvecs + extra) + k,
+        verified=checked.verified
+        if checked is not None
+        else torch.zeros(op.batch_shape, dtype=torch.bool, device=op.device),
+        checks=checked.checks if checked is not None else 0,
+        repairs=checked.repairs if checked is not None else 0,
+        sigma=None if sigma is None else float(sigma),
+        solve_matvecs=solver.matvecs if solver is not None else 0,
+        solve_worst_residual=solver.worst_residual if solver is not None else 0.0,
+    )
     values = differentiable_eigenvalues(op.linear_op, vecs, values)
     return EigenResult(
         eigenvalues=values,
         eigenvectors=vecs.mT.contiguous(),
         residuals=residuals,
-        iterations=iters,
+        iterations=outcome.iterations,
         converged=conv,
+        diagnostics=diag,
     )

@@ -1,0 +1,186 @@
+"""Curvature operators of a tiny MLP against ``torch.autograd.functional.hessian`` / an explicit ``J^T H_ℓ J``,
+and every eigen function on them (float32 and float64, seeded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lanczos_grad_gp.eigen import (
+    deflated_power_iteration,
+    extreme_eigenvalues,
+    lanczos,
+    spectral_density,
+    trace,
+)
+from lanczos_grad_gp.eigen.curvature import GGNOperator, HessianOperator
+
+DTYPES = (torch.float32, torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def mlp(dtype: torch.dtype, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(30, 2, generator=g, dtype=torch.float64).to(dtype)
+    return model, x, y
+
+
+def flat_call(model: torch.nn.Module, params: list[torch.Tensor]):
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    sizes = [p.numel() for p in params]
+    shapes = [p.shape for p in params]
+
+    def call(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, sizes)
+        return torch.func.functional_call(
+            model, {k: t.reshape(s) for k, t, s in zip(keys, parts, shapes, strict=True)}, (x,)
+        )
+
+    return call, torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def dense_hessian(model, x, y, loss_fn, params=None):
+    params = list(model.parameters()) if params is None else params
+    call, flat = flat_call(model, params)
+    return torch.autograd.functional.hessian(lambda f: loss_fn(call(f, x), y), flat)
+
+
+def dense_ggn(model, x, y, loss_fn):
+    call, flat = flat_call(model, list(model.parameters()))
+    out = call(flat, x).detach()
+    J = torch.autograd.functional.jacobian(lambda f: call(f, x), flat).reshape(out.numel(), -1)
+    HL = torch.autograd.functional.hessian(lambda o: loss_fn(o.reshape(out.shape), y), out.reshape(-1))
+    return J.T @ HL @ J
+
+
+def atol_for(dtype):
+    return 1e-12 if dtype == torch.float64 else 2e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["autograd", "func"])
+def test_hessian_matches_autograd_functional_hessian(dtype, method):
+    model, x, y = mlp(dtype)
+    loss_fn = torch.nn.MSELoss()
+    H = HessianOperator(model, loss_fn, x, y, method=method)
+    ref = dense_hessian(model, x, y, loss_fn)
+    assert H.n == ref.shape[0] == 38 and H.dtype == dtype
+    assert torch.allclose(H.to_dense(), ref, atol=atol_for(dtype), rtol=0)
+    v = torch.randn(38, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(H.matvec(v), ref @ v, atol=10 * atol_for(dtype), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loader_average_is_the_full_data_hessian_and_ggn(dtype):
+    model, x, y = mlp(dtype, seed=1)
+    loss_fn = torch.nn.MSELoss()
+    loader = [(x[:12], y[:12]), (x[12:24], y[12:24]), (x[24:], y[24:])]  # ragged last batch (6)
+    H = HessianOperator.from_loader(model, loss_fn, loader)
+    assert torch.allclose(H.to_dense(), dense_hessian(model, x, y, loss_fn), atol=atol_for(dtype), rtol=0)
+    G = GGNOperator.from_loader(model, loss_fn, loader)
+    assert torch.allclose(G.to_dense(), dense_ggn(model, x, y, loss_fn), atol=10 * atol_for(dtype), rtol=0)
+    first = HessianOperator.from_loader(model, loss_fn, loader, num_batches=1)
+    assert torch.allclose(first.to_dense(), dense_hessian(model, x[:12], y[:12], loss_fn), atol=atol_for(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ggn_matches_jacobian_formula_cross_entropy(dtype):
+    model, x, _ = mlp(dtype, seed=2)
+    labels = torch.tensor([0, 1] * 15)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    G = GGNOperator(model, loss_fn, x, labels)
+    ref = dense_ggn(model, x, labels, loss_fn)
+    assert torch.allclose(G.to_dense(), ref, atol=10 * atol_for(dtype), rtol=0)
+    assert float(torch.linalg.eigvalsh(ref.double())[0]) > -1e-5  # convex loss: PSD
+
+
+def test_parameter_subset_is_a_diagonal_block():
+    model, x, y = mlp(torch.float64)
+    loss_fn = torch.nn.MSELoss()
+    last = list(model[2].parameters())
+    H = HessianOperator(model, loss_fn, x, y, params=last)
+    assert H.n == 14
+    assert torch.allclose(H.to_dense(), dense_hessian(model, x, y, loss_fn, params=last), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_eigen_function_on_the_hessian(dtype):
+    model, x, y = mlp(dtype, seed=3)
+    loss_fn = torch.nn.MSELoss()
+    ref = dense_hessian(model, x, y, loss_fn).double()
+    ev = torch.linalg.eigvalsh(ref)
+    top = ev[ev.abs().argsort(descending=True)[:3]]
+    H = HessianOperator(model, loss_fn, x, y)
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    rtol = 1e-8 if dtype == torch.float64 else 1e-3
+    for b in (1, 3):
+        res = lanczos(H, k=3, block_size=b, tol=tol, seed=0)
+        assert torch.allclose(res.eigenvalues.double(), top, rtol=rtol) and bool(res.converged.all())
+    power = deflated_power_iteration(H, k=1, max_iter=2000, tol=tol, seed=0)
+    assert float(power.eigenvalues) == pytest.approx(float(top[0]), rel=100 * rtol)
+    ext = extreme_eigenvalues(H, tol=tol, seed=0)
+    assert float(ext.lambda_max) == pytest.approx(float(ev[-1]), rel=rtol)
+    assert float(ext.lambda_min) == pytest.approx(float(ev[0]), rel=rtol, abs=1e-6)
+    tr = trace(H, num_matvecs=38 * 3, method="hutch++", seed=0)
+    assert abs(float(tr.estimate) - float(ref.trace())) <= 5 * float(tr.standard_error) + 1e-4
+    dens = spectral_density(H, num_probes=4, num_iters=20, seed=0)
+    assert torch.allclose(dens.weights.double().sum(-1), torch.ones(4, dtype=torch.float64), atol=1e-4)
+
+
+class _Counting(torch.nn.Module):
+    """Wraps a model and counts forward calls (one per batch and product when products are batched)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_products_are_batched_over_the_block():
+    model, x, y = mlp(torch.float64)
+    counted = _Counting(model)
+    H = HessianOperator(counted, torch.nn.MSELoss(), x, y)
+    V = torch.randn(38, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    HV = H.matmul(V)
+    assert counted.calls == 1  # ONE forward (and one backward) for all 4 columns
+    ref = dense_hessian(model, x, y, torch.nn.MSELoss())
+    assert torch.allclose(HV, ref @ V, atol=1e-12)
+
+
+def test_hessian_eigenthings_operator_interface_is_accepted():
+    he = pytest.importorskip("hessian_eigenthings")
+    model, x, y = mlp(torch.float64, seed=4)
+    theirs = he.HessianOperator(model, [(x, y)], he.supervised_loss(torch.nn.MSELoss()))
+    ref = torch.linalg.eigvalsh(dense_hessian(model, x, y, torch.nn.MSELoss()))
+    res = lanczos(theirs, k=2, tol=1e-8, seed=0)
+    assert torch.allclose(res.eigenvalues, ref[ref.abs().argsort(descending=True)[:2]], rtol=1e-8)
+
+
+def test_curvature_argument_errors():
+    model, x, y = mlp(torch.float64)
+    with pytest.raises(ValueError, match="method must be"):
+        HessianOperator(model, torch.nn.MSELoss(), x, y, method="fd")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no parameters"):
+        HessianOperator(model, torch.nn.MSELoss(), x, y, params=[])
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        HessianOperator(lambda t: t, torch.nn.MSELoss(), x, y)  # type: ignore[arg-type]
+    H = HessianOperator(model, torch.nn.MSELoss(), x, y)
+    with pytest.raises(ValueError, match=r"expected a \(38,\)"):
+        H.matmul(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="no batches"):
+        HessianOperator.from_loader(model, torch.nn.MSELoss(), []).matvec(torch.ones(38, dtype=torch.float64))

@@ -23,7 +23,7 @@ preconditioner with its pivots ``π`` fixed,
 .. math::
     P(θ) = W Q^{-1} W^\top + D,\quad W = K_θ[:, π],\ Q = K_θ[π, π],
 
-so with the interpolation ``R = W Q^{-1}`` (kept by the preconditioner)
+so with the interpolation ``R = W Q^{-1} = L L_π^{-1}`` (one triangular solve with the kept factor)
 
 .. math::
     \operatorname{tr}(G\, ∂P) = 2 \langle G R, ∂W\rangle - \langle R^\top G R, ∂Q\rangle
@@ -81,18 +81,22 @@ def logdet_control_variate(A: LinearOperator, precond: object, probes: Tensor, w
 
     Args:
         A: the covariance ``K_θ + D`` (an ``AddedDiagLinearOperator``), with its autograd graph.
-        precond: the preconditioner the probes were run with; needs ``pivots`` and ``interp``
+        precond: the preconditioner the probes were run with; needs ``pivots``, ``factor`` and ``remainder_ratio``
             (:class:`~lanczos_grad_gp.core.preconditioners.LowRankPlusDiagPreconditioner`).
         probes: ``(*batch, n, N)`` the probe vectors ``z_p`` of the log-determinant (not ``C^{-T} z``).
         weight: the probe average's weight, ``1 / N``.
     """
     parts = added_diag_parts(A)
-    pivots, R = getattr(precond, "pivots", None), getattr(precond, "interp", None)
+    pivots, L = getattr(precond, "pivots", None), getattr(precond, "factor", None)
     ratio = getattr(precond, "remainder_ratio", None)
-    if parts is None or pivots is None or R is None or ratio is None:
+    if parts is None or pivots is None or L is None or ratio is None:
         return None
     if not bool((ratio <= MAX_REMAINDER_RATIO).all()):  # one host sync per call, outside any loop
         return None
+    with torch.no_grad():
+        k_ = pivots.shape[-1]
+        L_pi = L.gather(-2, pivots.unsqueeze(-1).expand(*pivots.shape, k_))  # (*batch, k, k) lower triangular
+        R = torch.linalg.solve_triangular(L_pi, L, upper=False, left=False)  # (*batch, n, k) R = L L_π^{-1}
     base, diag = parts
     batch, n, k = A.batch_shape, A.shape[-1], pivots.shape[-1]
     with torch.no_grad():

@@ -15,10 +15,11 @@ the symmetric operator ``B = C^{-1} K C^{-T}``:
 * with ``P`` detached, ``∂ log det B = tr(B^{-1} C^{-1} ∂K C^{-T}) = tr(K^{-1} ∂K)``: the gradient
   is exact in expectation, and the Ritz vectors map back by ``C^{-T}``.
 
-The factor is computed under ``no_grad``. Its pivots ``π`` and the Nyström interpolation
-``R = L L_π^{-1} = K_θ[:, π] K_θ[π, π]^{-1}`` are kept, so that ``P(θ) = K_θ[:, π] K_θ[π,π]^{-1}
-K_θ[π, :] + D(θ)`` with the pivots fixed can be differentiated at ``O(n k²)``: the variance-reduced
-log-determinant gradient of :mod:`lanczos_grad_gp.core.preconditioners.control_variate`.
+The factor is computed under ``no_grad``. Its pivots ``π`` and the factor ``L`` itself are kept (the
+Nyström interpolation ``R = L L_π^{-1} = K_θ[:, π] K_θ[π, π]^{-1}`` is formed only when needed), so that
+``P(θ) = K_θ[:, π] K_θ[π,π]^{-1} K_θ[π, :] + D(θ)`` with the pivots fixed can be differentiated at
+``O(n k²)``: the variance-reduced log-determinant gradient of
+:mod:`lanczos_grad_gp.core.preconditioners.control_variate`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class LowRankPlusDiagPreconditioner:
         logdet: ``(*batch)`` ``log det P``.
         rank: ``k``.
         pivots: ``(*batch, k)`` pivots ``π`` of the pivoted Cholesky factor (``None``: no low-rank part).
-        interp: ``(*batch, n, k)`` ``R = L L_π^{-1}``, so that ``L L^T = R K_θ[π, π] R^T``.
+        factor: ``(*batch, n, k)`` the pivoted-Cholesky factor ``L`` (``L[π]`` is lower triangular).
         remainder_ratio: ``(*batch)`` ``tr(K_θ − L L^T) / tr(D)``: how much of the kernel the
             factor leaves to the noise (0 for a full-rank factor).
     """
@@ -57,7 +58,7 @@ class LowRankPlusDiagPreconditioner:
     logdet: Tensor
     rank: int
     pivots: Tensor | None = None
-    interp: Tensor | None = None
+    factor: Tensor | None = None
     remainder_ratio: Tensor | None = None
 
     def _core(self, x: Tensor) -> Tensor:
@@ -138,8 +139,6 @@ def pivoted_cholesky_preconditioner(
         if k_ok == 0:
             return LowRankPlusDiagPreconditioner(inv_sqrt_d, None, None, logdet, 0)
         L, pivots = L[..., :k_ok], pivots[..., :k_ok]
-        L_pi = L.gather(-2, pivots.unsqueeze(-1).expand(*pivots.shape, k_ok))  # (*batch, k, k) lower triangular
-        interp = torch.linalg.solve_triangular(L_pi, L, upper=False, left=False)  # R = L L_π^{-1}
         remainder = (base.diagonal() - L.square().sum(-1)).clamp_min(0).sum(-1)  # (*batch) tr(K - L L^T)
         remainder_ratio = remainder / d.sum(-1)
         M = L * inv_sqrt_d.unsqueeze(-1)  # (*batch, n, k)
@@ -151,4 +150,4 @@ def pivoted_cholesky_preconditioner(
         s2 = s.square()
         scale = (1.0 + s2).rsqrt() - 1.0
         logdet = logdet + torch.log1p(s2).sum(-1)
-        return LowRankPlusDiagPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1], pivots, interp, remainder_ratio)
+        return LowRankPlusDiagPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1], pivots, L, remainder_ratio)

@@ -304,7 +304,8 @@ class max_cholesky_size(_thread_local_value):
         if value is None:
             from linear_operator import settings as lo_settings
 
-            return int(lo_settings.max_cholesky_size.value())
+            gpytorch_value = lo_settings.max_cholesky_size.value()  # may be math.inf ("always Cholesky")
+            return int(gpytorch_value) if math.isfinite(gpytorch_value) else 2**62
         return value
 
 

@@ -97,6 +97,15 @@ def test_setting_validates_and_resolves():
     assert "max_cholesky_size" in lgg.settings.current_settings()
 
 
+def test_infinite_gpytorch_threshold_means_always_cholesky():
+    """GPyTorch's own tests set ``max_cholesky_size(math.inf)``; that used to overflow in int()."""
+    model, mll, x, y = _gp(60)
+    with gpytorch.settings.max_cholesky_size(float("inf")), lgg.settings.use_lanczos_grad():
+        with lgg.record_calls() as calls:
+            _loss_and_grads(model, mll, x, y)
+    assert calls[-1].route == "cholesky"
+
+
 def test_direct_call_is_always_lanczos():
     """``lgg.inv_quad_logdet`` is an explicit choice: no routing."""
     model, _, x, y = _gp(50)

@@ -151,3 +151,33 @@ def lanczos_at_every_size():
 
     with lgg.settings.max_cholesky_size(0):
         yield
+
+
+def _gpytorch_feature_flags() -> dict[str, object]:
+    """The process-global state of every ``gpytorch.settings`` feature flag (``_state``, None = default)."""
+    import gpytorch
+
+    out = {}
+    for name in dir(gpytorch.settings):
+        cls = getattr(gpytorch.settings, name)
+        if isinstance(cls, type) and issubclass(cls, gpytorch.settings._feature_flag) and "_state" in vars(cls):
+            out[name] = cls._state
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_gpytorch_flags():
+    """A test must leave GPyTorch's process-global feature flags as it found them.
+
+    (A leaked ``lazily_evaluate_kernels(False)`` silently turns every later model's kernel dense.) A leak
+    fails the leaking test, by name, and is undone so that the tests after it see the defaults.
+    """
+    import gpytorch
+
+    before = _gpytorch_feature_flags()
+    yield
+    after = _gpytorch_feature_flags()
+    changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) is not v}
+    for name, (old, _) in changed.items():
+        getattr(gpytorch.settings, name)._state = old
+    assert not changed, f"the test left gpytorch.settings feature flags changed (before, after): {changed}"

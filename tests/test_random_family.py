@@ -4,8 +4,8 @@ The family, the dense float64 oracles (eigh + Daleckii–Krein) and the round-of
 ``tests/random_family.py`` (also used by ``python -m benchmarks.estimate_coverage``, which prints the
 same measurements as tables for thousands of cases).
 
-1. ``test_accurate_to_estimate_or_warned`` (hypothesis, derandomized): for every column of every
-   drawn problem, either
+1. ``test_accurate_to_estimate_or_warned`` (300 fixed seeds, ``PROPERTY_SEEDS``): for every column
+   of every drawn problem, either
 
    * ``converged`` is True, ``|value − oracle| ≤ c·value_error_estimate + value_floor`` and
      ``‖sym(∂A) − ∂A*‖_F / ‖∂A*‖_F ≤ c·gradient_error_estimate + grad_floor``, with
@@ -20,7 +20,7 @@ same measurements as tables for thousands of cases).
 
    ``NotPSDError`` is accepted only when the oracle's ``λ_min ≤ n·eps·‖A‖₂`` (numerically not
    positive definite); any other exception, a value for a non-PD matrix, or a backward failure is a
-   failure. Shrinking is off (each example is reproducible from the printed ``Case`` alone; see
+   failure. Each example is reproducible from the printed ``Case`` alone (see
    ``random_family.print_case``).
 
 2. ``test_estimates_cover_true_errors`` (the ≥ 95 % criterion): over a fixed seeded sample of 150
@@ -38,11 +38,9 @@ import dataclasses
 import math
 import random
 
-import hypothesis.strategies as st
 import pytest
 import random_family as rf
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
 
 
 @pytest.fixture(autouse=True)
@@ -55,29 +53,31 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-PROPS = settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    phases=(Phase.explicit, Phase.generate),  # no shrinking: the printed Case reproduces the failure
-    suppress_health_check=[HealthCheck.too_slow],
-    print_blob=False,
-)
+#: The sample: fixed seeds, the same in every environment and test order. (It was a derandomized
+#: hypothesis search over ``st.integers``; hypothesis biases integers towards constants it harvests
+#: from the *loaded* non-test modules, so the drawn seeds changed with which tests had run before:
+#: seed 400 was drawn only in a full-suite run. It is kept below as a regression case.)
+#: 150 small seeds, 149 spread over 63 bits and 400 (an ``exp`` case whose gradient estimate used to
+#: be 3.5× below the true error, ``docs/mathematics.md``, "Which residual to trust").
+_SPREAD = random.Random(20261202)
+PROPERTY_SEEDS = sorted({*range(150), *(_SPREAD.getrandbits(63) for _ in range(149)), 400})
 
 
-@PROPS
-@given(st.integers(0, 2**63 - 1))
-def test_accurate_to_estimate_or_warned(seed):
-    # hypothesis picks the seed, the family's own distribution picks the case: drawing the
-    # parameters with st.randoms() skews them (measured: 80 % of n ≤ 3, cond mostly < 10)
-    case = rf.random_case(random.Random(seed))
-    result = rf.run_case(case)
-    failures = rf.case_failures(result)
-    assert not failures, (
-        f"'accurate to the estimate, or warned' violated in {len(failures)} column(s) of\n  {rf.reproduction(case)}\n"
-        f"  NumericalWarning raised: {result.warned} {result.warning_msgs[:2]}\n    " + "\n    ".join(failures)
-    )
+@pytest.mark.parametrize("chunk", range(6))
+def test_accurate_to_estimate_or_warned(chunk):
+    # the seed picks the case from the family's own distribution (drawing each parameter from a
+    # property-test strategy skews them: measured, 80 % of n ≤ 3, cond mostly < 10)
+    violations = []
+    for seed in PROPERTY_SEEDS[chunk::6]:
+        case = rf.random_case(random.Random(seed))
+        result = rf.run_case(case)
+        failures = rf.case_failures(result)
+        if failures:
+            violations.append(
+                f"seed {seed}: {len(failures)} column(s) of\n  {rf.reproduction(case)}\n"
+                f"  NumericalWarning raised: {result.warned} {result.warning_msgs[:2]}\n    " + "\n    ".join(failures)
+            )
+    assert not violations, "'accurate to the estimate, or warned' violated:\n" + "\n".join(violations)
 
 
 COVERAGE_CASES = 150  # per dtype

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .forward_grad import GradientMatrix, gradient_factors, gradient_matrix
 from .lanczos import LanczosResult, lanczos_tridiag
-from .matfuncs import MatrixFunction
+from .matfuncs import MatrixFunction, autograd_derivative
 from .quadrature import (
     RitzDecomposition,
     apply_function,
@@ -316,8 +316,28 @@ def lanczos_forward(
 
 
 def _derivative_function(fn: MatrixFunction) -> MatrixFunction:
-    """``f'`` as a :class:`MatrixFunction` (only its values and domain are used, by the residual)."""
-    return MatrixFunction(f"{fn.name}'", fn.df, fn.df, requires_positive=fn.requires_positive)
+    """``f'`` as a :class:`MatrixFunction` for the residual (its values, domain and ``|f''|``).
+
+    ``|f''|`` (the scale of :func:`~lanczos_grad_gp.core.quadrature.lipschitz_scale`, used only when
+    ``f`` is not restricted to positive definite operators) is ``curvature · |f'|`` when ``f`` states
+    its curvature ``|f''/f'|``, otherwise autograd through ``f'`` (``|f'|`` if ``f'`` is not differentiable).
+    """
+    if fn.curvature is not None:
+        curvature = fn.curvature
+
+        def d2(x: Tensor) -> Tensor:
+            return curvature(x) * fn.df(x).abs()
+
+    else:
+        by_autograd = autograd_derivative(fn.df)
+
+        def d2(x: Tensor) -> Tensor:
+            try:
+                return by_autograd(x)
+            except RuntimeError:  # f' not differentiable by torch: curvature 1, the documented default
+                return fn.df(x).abs()
+
+    return MatrixFunction(f"{fn.name}'", fn.df, d2, requires_positive=fn.requires_positive)
 
 
 def _estimates(

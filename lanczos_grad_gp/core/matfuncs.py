@@ -146,7 +146,7 @@ def _elementwise(g: ScalarFn, name: str, role: str) -> ScalarFn:
     return checked
 
 
-def _autograd_derivative(f: ScalarFn) -> ScalarFn:
+def autograd_derivative(f: ScalarFn) -> ScalarFn:
     """Elementwise derivative of an elementwise, torch-differentiable ``f``."""
 
     def df(x: Tensor) -> Tensor:
@@ -181,7 +181,7 @@ def get_matrix_function(f: str | MatrixFunction | ScalarFn | tuple[ScalarFn, Sca
     if callable(f):
         name = getattr(f, "__name__", "custom")
         checked = _elementwise(f, name, "f")
-        return MatrixFunction(name, checked, _autograd_derivative(checked))
+        return MatrixFunction(name, checked, autograd_derivative(checked))
     raise ValueError(
         f"f must be a function name, a MatrixFunction, a callable or a (f, df) pair; got {type(f).__name__}."
     )

@@ -89,8 +89,10 @@ def function_residual(fn: MatrixFunction, ritz: RitzDecomposition, res: LanczosR
     ``f = 1/x`` exactly the CG residual ``‖v − A x_m‖``). It carries the units of ``A``; the
     relative form divides by ``‖v‖ ‖f(T) e_1‖`` and by the spectral scale that turns a residual
     into an error: the smallest Ritz value ``θ_min`` for functions of positive definite operators
-    (``‖A^{-1} r‖ ≤ ‖r‖ / λ_min``), the largest ``|θ|`` otherwise. It is therefore invariant to
-    scaling ``A`` and ``v``. ``e_m`` is each column's own last step. Returns two ``(*batch, k)``
+    (``‖A^{-1} r‖ ≤ ‖r‖ / λ_min``), and otherwise ``max|f(θ)| / max|f'(θ)|`` over the Ritz values
+    (:func:`lipschitz_scale`). For the positive functions it is therefore invariant to scaling ``A``
+    and ``v``; for the others it follows the function's own units (``exp`` has no scale invariance).
+    ``e_m`` is each column's own last step. Returns two ``(*batch, k)``
     tensors in the compute dtype; zero for columns that broke down or never started.
     """
     fe1 = f_T_e1(fn, ritz)
@@ -103,11 +105,33 @@ def function_residual(fn: MatrixFunction, ritz: RitzDecomposition, res: LanczosR
     if fn.requires_positive:
         scale = torch.where(used, ritz.values.abs(), torch.full_like(ritz.values, big)).amin(-1)
     else:
-        scale = torch.where(used, ritz.values.abs(), torch.zeros_like(ritz.values)).amax(-1)
+        scale = lipschitz_scale(fn, ritz)
     denom = torch.linalg.vector_norm(fe1, dim=-1) * scale
     ok = (denom > 0) & (denom < big)
     relative = torch.where(ok, beta * last / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
     return absolute, relative
+
+
+def lipschitz_scale(fn: MatrixFunction, ritz: RitzDecomposition) -> Tensor:
+    """``max|f(θ)| / max|f'(θ)|`` over the used Ritz values, ``(*batch, k)``: residual → error for general ``f``.
+
+    The first-order error of ``f(A) v ≈ ‖v‖ Q f(T) e_1`` is ``β_m ‖v‖ e_m^T f[T, z] e_1 q_{m+1}``
+    for an unresolved eigenvalue ``z`` (the divided difference ``f[T, z]`` generalizes Saad's
+    ``φ_1(T) = exp[T, 0]`` for the exponential, SIAM J. Numer. Anal. 29, 1992), and
+    ``|f[θ, z]| ≤ max|f'|`` on the spectrum's hull. Dividing by ``max|f| / max|f'|`` (instead of by
+    ``max|θ|``) keeps the estimate right under a shift ``A + cI``: for ``exp`` the scale is 1 whatever
+    the shift, while ``max|θ|`` grows with it and made the estimate arbitrarily small (measured 3.5×
+    below the true gradient error on a spectrum in ``[-21.7, -2.9]``). For ``f(x) = x^p`` it is
+    ``max|θ| / |p|``, the former scale up to the constant. A constant ``f`` (``f' = 0``) gives an
+    infinite scale, hence a zero residual: its Lanczos approximation is exact.
+    """
+    used = ritz.weights != 0
+    theta = torch.where(used, ritz.values, torch.zeros_like(ritz.values))
+    zero = torch.zeros_like(theta)
+    f_max = torch.where(used, fn.f(theta).abs(), zero).nan_to_num(nan=0.0).amax(-1)
+    df_max = torch.where(used, fn.df(theta).abs(), zero).nan_to_num(nan=0.0).amax(-1)
+    inf = torch.full_like(f_max, float("inf"))
+    return torch.where(df_max > 0, f_max / torch.where(df_max > 0, df_max, torch.ones_like(df_max)), inf)
 
 
 def apply_function(fn: MatrixFunction, ritz: RitzDecomposition, res: LanczosResult) -> Tensor:

@@ -63,9 +63,9 @@ class QuadFormInfo:
         iterations: Lanczos steps taken (the larger of the two forms for a bilinear form).
         residual: ``β_m |e_m^T f(T) e_1| ‖v‖``, the residual of ``f(A) v``'s approximation.
         relative_residual: the stopping quantity ``max(ρ, ρ')``: ``ρ = β_m |e_m^T f(T) e_1| / (‖f(T) e_1‖ θ)``
-            (dimensionless; ``θ`` the smallest Ritz value for log/inv/sqrt/invsqrt, the largest ``|θ|``
-            otherwise; :func:`lanczos_grad_gp.core.quadrature.function_residual`) and ``ρ'`` the same
-            for ``f'``, which the gradient converges with.
+            (dimensionless; ``θ`` the smallest Ritz value for log/inv/sqrt/invsqrt, ``max|f| / max|f'|``
+            over the Ritz values otherwise; :func:`lanczos_grad_gp.core.quadrature.function_residual`) and
+            ``ρ'`` the same for ``f'``, which the gradient converges with.
         value_error_estimate: an ESTIMATE (not a rigorous bound) of ``|u^T f(A) v − value|``: the
             truncation term ``‖v‖² ‖f(T) e_1‖ · relative_residual`` plus a round-off floor
             ``c ε (‖A‖ ‖Γ‖_* + √m |value|)`` (:mod:`lanczos_grad_gp.core.engine`). Its measured

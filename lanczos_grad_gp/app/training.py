@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -134,6 +134,9 @@ class RunResult:
         hyperparameters: fitted hyperparameters (z-scored scale).
         history: per-step extras recorded by a callback (e.g. test RMSE for training curves).
         diagnostics: for ``"ours"``, a summary of the Lanczos calls (:func:`summarize_calls`).
+        accuracy: the method's loss and gradient errors against exact Cholesky at one common set of
+            hyperparameters (:func:`objective_accuracy`), where computed.
+        final_state: the trained model's ``state_dict`` (detached copies), set by :func:`fit_and_evaluate`.
     """
 
     method: str
@@ -143,6 +146,8 @@ class RunResult:
     hyperparameters: dict[str, float] = field(default_factory=dict)
     history: dict[str, list[float]] = field(default_factory=dict)
     diagnostics: dict[str, float] = field(default_factory=dict)
+    accuracy: ObjectiveAccuracy | None = None
+    final_state: dict[str, Tensor] | None = None
 
     @property
     def time_per_step(self) -> float:
@@ -187,6 +192,78 @@ def _progress(iterable: range, enabled: bool, desc: str) -> Iterator[int]:
     from tqdm.auto import tqdm
 
     return iter(tqdm(iterable, desc=desc, leave=True, dynamic_ncols=True))
+
+
+@dataclass(frozen=True)
+class ObjectiveAccuracy:
+    """How far one method's training objective is from the exact one, at given hyperparameters.
+
+    Attributes:
+        loss_error: ``|loss − loss*|`` of ``-MLL/n``, against a float64 Cholesky evaluation.
+        gradient_error: ``‖g − g*‖ / ‖g*‖`` over all hyperparameters (raw parameters, as Adam sees them).
+        where: which hyperparameters (``"start"`` or ``"Cholesky's fit"``).
+    """
+
+    loss_error: float
+    gradient_error: float
+    where: str
+
+
+def loss_and_gradient(
+    model: ExactGPModel, method: str, *, seed: int = 0, **settings: int | None
+) -> tuple[float, Tensor]:
+    """``-MLL/n`` and its gradient (all raw parameters, concatenated) under ``method``'s settings.
+
+    ``seed`` seeds the stochastic estimators (probe vectors of ``ours`` and ``gpytorch``).
+    """
+    model.train()
+    model.zero_grad(set_to_none=True)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    (train_x,), train_y = model.train_inputs, model.train_targets
+    torch.manual_seed(seed)
+    with method_context(method, **settings):
+        loss = -mll(model(train_x), train_y)
+        loss.backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grad.detach().to(torch.float64)
+
+
+def objective_accuracy(
+    data: Dataset,
+    methods: Sequence[str],
+    *,
+    state: dict[str, Tensor] | None = None,
+    seed: int = 0,
+    **settings: int | None,
+) -> dict[str, ObjectiveAccuracy]:
+    """:class:`ObjectiveAccuracy` of every method in ``methods`` at one set of hyperparameters.
+
+    ``state`` is a model ``state_dict`` (e.g. :attr:`RunResult.final_state` of a run); ``None``: the
+    initial hyperparameters of :func:`make_model` (``seed``). Near a fitted state the exact gradient
+    is close to zero, so a relative gradient error there measures little; the demo uses the start.
+    The reference is exact Cholesky on a float64 copy of the model (one ``O(n³)`` evaluation).
+    """
+
+    def model_at(x: Tensor, y: Tensor) -> ExactGPModel:
+        model = make_model(x, y, seed=seed)
+        if state is not None:
+            model.load_state_dict(state)
+        return model
+
+    reference = model_at(data.train_x.double(), data.train_y.double()).double()
+    ref_loss, ref_grad = loss_and_gradient(reference, "cholesky", seed=seed)
+    where = "start" if state is None else "Cholesky's fit"
+    out = {}
+    for method in methods:
+        model = model_at(data.train_x, data.train_y)
+        loss, grad = loss_and_gradient(model, method, seed=seed, **(settings if method != "cholesky" else {}))
+        out[method] = ObjectiveAccuracy(
+            loss_error=abs(loss - ref_loss),
+            gradient_error=float((grad - ref_grad).norm() / ref_grad.norm()),
+            where=where,
+        )
+    return out
 
 
 def train(
@@ -305,4 +382,5 @@ def fit_and_evaluate(
     )
     result.metrics = evaluate(model, data.test_x, data.test_y, y_mean=data.y_mean, y_std=data.y_std)
     result.hyperparameters = hyperparameters(model)
+    result.final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return result

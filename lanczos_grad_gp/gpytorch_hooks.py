@@ -24,6 +24,7 @@ own structured ``inv_quad_logdet`` keep it, the rest go to Lanczos.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -83,9 +84,17 @@ def _check_finite_log_prob(mvn: MultivariateNormal, value: Tensor) -> None:
 
 
 def _stock(fn: Any, *args: Any) -> Any:
-    """GPyTorch's own computation for one call: the flag off, Cholesky up to our threshold."""
-    threshold = settings.max_cholesky_size.resolved()
-    with settings.use_lanczos_grad(False), lo_settings.max_cholesky_size(threshold):
+    """GPyTorch's own computation for one call: the flag off, Cholesky up to our threshold.
+
+    linear_operator's ``max_cholesky_size`` is process-global (a class attribute, not thread-local
+    like our settings), so it is only entered when our threshold differs from it: by default
+    (``lgg.settings.max_cholesky_size`` None, i.e. GPyTorch's own) nothing global changes, and a
+    thread running stock GPyTorch meanwhile is unaffected.
+    """
+    ours = settings.max_cholesky_size.value()  # None: GPyTorch's own threshold, already in force
+    with settings.use_lanczos_grad(False), contextlib.ExitStack() as stack:
+        if ours is not None and ours != lo_settings.max_cholesky_size.value():
+            stack.enter_context(lo_settings.max_cholesky_size(ours))
         return fn(*args)
 
 

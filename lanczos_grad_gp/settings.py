@@ -286,7 +286,9 @@ class max_cholesky_size(_thread_local_value):
     steer the fit to a worse optimum. ``None`` follows ``gpytorch.settings.max_cholesky_size``
     (800 by default), so code that already tunes GPyTorch's switch keeps its meaning; ``0`` sends
     every size to Lanczos. The chosen route is recorded by ``record_calls()`` (``info.route``).
-    (Default: None)
+    A value other than GPyTorch's is applied to the stock call by entering linear_operator's
+    ``max_cholesky_size``, which is process-global like all of GPyTorch's settings (not thread-local);
+    with ``None`` nothing global is touched. (Default: None)
     """
 
     _default = None

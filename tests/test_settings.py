@@ -230,6 +230,32 @@ def test_install_uninstall_idempotent():
     assert lgg.patching.is_installed()
 
 
+def _is_feature_flag(cls: object) -> bool:
+    return isinstance(cls, type) and issubclass(cls, gpytorch.settings._feature_flag) and "_state" in vars(cls)
+
+
+def test_stock_route_touches_no_global_setting_by_default(monkeypatch):
+    """With lgg's max_cholesky_size at its default (GPyTorch's), the Cholesky route enters no
+    process-global linear_operator setting: a thread running stock GPyTorch meanwhile is unaffected."""
+    from linear_operator import settings as lo_settings
+
+    calls = []
+    original = lo_settings.max_cholesky_size.__enter__
+
+    def spy(self):
+        calls.append(self._instance_value)
+        return original(self)
+
+    monkeypatch.setattr(lo_settings.max_cholesky_size, "__enter__", spy)
+    model, lik, x, y = _model()
+    with lgg.settings.use_lanczos_grad(), lgg.record_calls() as infos:
+        _mll_and_grads(model, lik, x, y)
+    assert [i.route for i in infos] == ["cholesky"] and calls == []
+    with lgg.settings.use_lanczos_grad(), lgg.settings.max_cholesky_size(10**6):  # differs from GPyTorch's
+        _mll_and_grads(model, lik, x, y)
+    assert 10**6 in calls
+
+
 def test_flag_in_one_thread_does_not_leak_into_another():
     """Thread A trains with the flag on while thread B, at the same time, gets stock GPyTorch bits."""
     model, lik, x, y = _model()
@@ -256,11 +282,21 @@ def test_flag_in_one_thread_does_not_leak_into_another():
             out["plain"] = _mll_and_grads(model, lik, x, y)
             out["plain_calls"] = len(calls)
 
+    # GPyTorch's own settings are class attributes, and its internals enter them (``evaluate_kernel``
+    # runs under ``lazily_evaluate_kernels(False)``, saving the value it saw at construction): two
+    # threads running GPyTorch models at once can leave such a flag changed for the whole process
+    # (seen in CI: every later kernel evaluated eagerly). That is GPyTorch's, not the flag's; restore
+    # them so that the tests after this one see the defaults.
+    saved = {cls: cls._state for cls in vars(gpytorch.settings).values() if _is_feature_flag(cls)}
     ts = [threading.Thread(target=with_flag), threading.Thread(target=without_flag)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    try:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        for cls, state in saved.items():
+            cls._state = state
     assert out["calls"] == 1 and out["plain_calls"] == 0
     assert torch.equal(out["plain"][0], reference[0])
     flag_val = out["flag"][0]

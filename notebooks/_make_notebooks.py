@@ -784,7 +784,7 @@ def loss_of_flat(flat):
     # the same loss as a function of one flat parameter vector, for the dense reference
     chunks = torch.split(flat, sizes)
     out = torch.func.functional_call(
-        mlp, {name: c.view(sh) for (name, _), c, sh in zip(mlp.named_parameters(), chunks, shapes)}, (xb,)
+        mlp, {name: c.view(sh) for (name, _), c, sh in zip(mlp.named_parameters(), chunks, shapes, strict=True)}, (xb,)
     )
     return loss_fn(out, yb)
 

@@ -532,3 +532,25 @@ def test_gradients_flow_to_gpytorch_kernel_hyperparameters():
     assert rel_err(value, ref_value) < floor
     for g, r in zip(grads, refs, strict=True):
         assert rel_err(g, r) < floor
+
+
+def test_exp_residual_is_shift_invariant_and_covers_the_error():
+    """exp(A + cI) = e^c exp(A): the Krylov space, β_m and the relative error are the same for every c,
+    so the relative residual must be too. (Dividing by max|θ| made it shrink with |c|: at c = -20 the
+    gradient estimate was below the true error, reported converged.)"""
+    n = 80
+    A = spd_matrix(n, cond=1e3, seed=3) * 5.0  # spectrum in [5e-3, 5]
+    v = torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64)
+    rels, rel_errs = [], []
+    for c in (0.0, -20.0, 20.0):
+        Ac = (A + c * eye).requires_grad_(True)
+        value, info = lgg.quad_form(Ac, v, f="exp", max_iter=6, tol=0.0, return_info=True)
+        ref_value, ref_grad, _, _ = dense_bilinear(Ac, v, v, "exp")
+        value.backward()
+        grad_err = float((0.5 * (Ac.grad + Ac.grad.T) - ref_grad).norm() / ref_grad.norm())
+        rels.append(float(info.relative_residual))
+        rel_errs.append(grad_err)
+        assert grad_err <= float(info.gradient_error_estimate), (c, grad_err, float(info.gradient_error_estimate))
+    assert max(rels) / min(rels) < 1.0 + 1e-6, rels
+    assert max(rel_errs) / min(rel_errs) < 1.0 + 1e-3, rel_errs

@@ -153,7 +153,7 @@ def lanczos_at_every_size():
         yield
 
 
-def _gpytorch_feature_flags() -> dict[str, object]:
+def gpytorch_feature_flags() -> dict[str, object]:
     """The process-global state of every ``gpytorch.settings`` feature flag (``_state``, None = default)."""
     import gpytorch
 
@@ -165,6 +165,14 @@ def _gpytorch_feature_flags() -> dict[str, object]:
     return out
 
 
+def restore_gpytorch_feature_flags(saved: dict[str, object]) -> None:
+    """Put back the states :func:`gpytorch_feature_flags` returned."""
+    import gpytorch
+
+    for name, state in saved.items():
+        getattr(gpytorch.settings, name)._state = state
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_gpytorch_flags():
     """A test must leave GPyTorch's process-global feature flags as it found them.
@@ -172,12 +180,9 @@ def _no_leaked_gpytorch_flags():
     (A leaked ``lazily_evaluate_kernels(False)`` silently turns every later model's kernel dense.) A leak
     fails the leaking test, by name, and is undone so that the tests after it see the defaults.
     """
-    import gpytorch
-
-    before = _gpytorch_feature_flags()
+    before = gpytorch_feature_flags()
     yield
-    after = _gpytorch_feature_flags()
+    after = gpytorch_feature_flags()
     changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) is not v}
-    for name, (old, _) in changed.items():
-        getattr(gpytorch.settings, name)._state = old
+    restore_gpytorch_feature_flags({k: old for k, (old, _) in changed.items()})
     assert not changed, f"the test left gpytorch.settings feature flags changed (before, after): {changed}"

@@ -18,6 +18,7 @@ import gpytorch
 import numpy as np
 import pytest
 import torch
+from conftest import gpytorch_feature_flags, restore_gpytorch_feature_flags
 
 import lanczos_grad_gp as lgg
 from lanczos_grad_gp import settings as S
@@ -230,10 +231,6 @@ def test_install_uninstall_idempotent():
     assert lgg.patching.is_installed()
 
 
-def _is_feature_flag(cls: object) -> bool:
-    return isinstance(cls, type) and issubclass(cls, gpytorch.settings._feature_flag) and "_state" in vars(cls)
-
-
 def test_stock_route_touches_no_global_setting_by_default(monkeypatch):
     """With lgg's max_cholesky_size at its default (GPyTorch's), the Cholesky route enters no
     process-global linear_operator setting: a thread running stock GPyTorch meanwhile is unaffected."""
@@ -287,7 +284,7 @@ def test_flag_in_one_thread_does_not_leak_into_another():
     # threads running GPyTorch models at once can leave such a flag changed for the whole process
     # (seen in CI: every later kernel evaluated eagerly). That is GPyTorch's, not the flag's; restore
     # them so that the tests after this one see the defaults.
-    saved = {cls: cls._state for cls in vars(gpytorch.settings).values() if _is_feature_flag(cls)}
+    saved = gpytorch_feature_flags()
     ts = [threading.Thread(target=with_flag), threading.Thread(target=without_flag)]
     try:
         for t in ts:
@@ -295,8 +292,7 @@ def test_flag_in_one_thread_does_not_leak_into_another():
         for t in ts:
             t.join()
     finally:
-        for cls, state in saved.items():
-            cls._state = state
+        restore_gpytorch_feature_flags(saved)
     assert out["calls"] == 1 and out["plain_calls"] == 0
     assert torch.equal(out["plain"][0], reference[0])
     flag_val = out["flag"][0]

@@ -19,6 +19,8 @@ own structured ``inv_quad_logdet`` keep it, the rest go to Lanczos.
   exact structured formula (diagonal, Kronecker, triangular/Cholesky factors) keep it, so a
   multitask Kronecker GP keeps its exact log-determinant under the flag.
 
+Under the flag, BoTorch's L-BFGS runs each get one deterministic objective (:mod:`.botorch_hooks`).
+
 ``uninstall()`` restores the originals.
 """
 
@@ -36,7 +38,7 @@ from linear_operator import settings as lo_settings
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from . import settings
+from . import botorch_hooks, settings
 from ._compat import validate_mvn_sample
 from .diagnostics import record
 from .functions.validation import check_finite_operator, symmetrize_like_stock
@@ -99,7 +101,8 @@ def _stock(fn: Any, *args: Any) -> Any:
 
 
 def install() -> None:
-    """Install the hooks (idempotent)."""
+    """Install the hooks (idempotent), including BoTorch's L-BFGS scopes (:mod:`.botorch_hooks`)."""
+    botorch_hooks.enable()
     with _lock:
         if _originals:
             return
@@ -148,7 +151,8 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Restore GPyTorch's and linear_operator's original methods."""
+    """Restore GPyTorch's, linear_operator's and BoTorch's original functions."""
+    botorch_hooks.uninstall()
     with _lock:
         if not _originals:
             return

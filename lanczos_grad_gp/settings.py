@@ -36,6 +36,7 @@ __all__ = [
     "preconditioner_override",
     "max_cholesky_size",
     "preconditioner_control_variate",
+    "deterministic_objective",
     "current_settings",
 ]
 
@@ -79,8 +80,11 @@ class _thread_local_value:
         if not hasattr(local, "saved"):
             local.saved = []
         local.saved.append(getattr(local, "value", _UNSET))
-        local.value = self._value
+        local.value = self._entered_value()
         return self
+
+    def _entered_value(self) -> Any:
+        return self._value
 
     def __exit__(self, *exc: Any) -> bool:
         local = self.__class__._local
@@ -139,6 +143,23 @@ class use_lanczos_grad(_thread_local_flag):
     shows the route of every call. While off, GPyTorch's own code runs unchanged.
     (Default: False)
     """
+
+    def _entered_value(self) -> bool:
+        if self._value:  # BoTorch may have been imported after lanczos_grad_gp: wrap its L-BFGS runs now
+            _wrap_botorch_runs()
+        return self._value
+
+    @classmethod
+    def set_default(cls, value: Any) -> None:
+        super().set_default(value)
+        if cls._default:
+            _wrap_botorch_runs()
+
+
+def _wrap_botorch_runs() -> None:
+    from . import botorch_hooks
+
+    botorch_hooks.install_if_imported()
 
 
 class max_lanczos_iter(_thread_local_value):
@@ -319,6 +340,38 @@ class preconditioner_control_variate(_thread_local_flag):
     one pivoted Cholesky. (Default: True)"""
 
     _default = True
+
+
+class deterministic_objective(_thread_local_flag):
+    r"""One deterministic, smooth objective per block: what L-BFGS's line search assumes.
+
+    In the block, the first Lanczos-route log-determinant call of each covariance key (batch shape,
+    ``n``, dtype, device, options) whose pivoted-Cholesky factor stops at its rank cap fixes that
+    preconditioner ``P_0`` and the probes for later rank-limited calls of the key, and the control
+    variate keeps its value. The value is then an unbiased estimate of ``log det K_θ`` at every ``θ``
+    whose exact gradient (up to the Lanczos tolerance) is the returned gradient; outside a block they
+    belong to different estimators (docs/mathematics.md, "Deterministic objectives"). Factors that
+    meet ``preconditioner_tol`` are used as built (exact up to ``O(ρ)``). Under the flag BoTorch's
+    L-BFGS runs open a block each (:mod:`lanczos_grad_gp.botorch_hooks`); open one around other
+    line-search optimizers. Each ``with`` opens a new, empty, thread-local scope. (Default: no scope)
+    """
+
+    @classmethod
+    def set_default(cls, value: Any) -> None:
+        raise TypeError(
+            "deterministic_objective has no process-wide default: its scope holds per-fit state and is "
+            "thread-local; open it with `with lgg.settings.deterministic_objective(): ...`."
+        )
+
+    @classmethod
+    def value(cls) -> Any:
+        """The scope in force in this thread (a :class:`lanczos_grad_gp.scopes.ObjectiveScope`), or None."""
+        return getattr(cls._local, "value", None)
+
+    def _entered_value(self) -> Any:
+        from .scopes import ObjectiveScope
+
+        return ObjectiveScope() if self._value else None  # a fresh scope per block, even for a reused object
 
 
 def current_settings() -> dict[str, Any]:

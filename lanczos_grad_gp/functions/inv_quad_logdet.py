@@ -111,6 +111,9 @@ class InvQuadLogdetInfo:
         route: which computation ran: ``"lanczos"`` (this routine).
         variance_reduced: the log-determinant gradient used the preconditioner as a control
             variate (:mod:`lanczos_grad_gp.core.preconditioners.control_variate`), or the trace was exact.
+        fixed_preconditioner: the preconditioner and probes were those held fixed by a
+            :class:`~lanczos_grad_gp.settings.deterministic_objective` block (built at this call or an
+            earlier one of the block), and the control variate kept its value ``tr(G M(θ))``.
         jitter: the diagonal jitter added after Lanczos found ``A`` numerically not positive definite
             (0: none), following GPyTorch's ``psd_safe_cholesky`` (``cholesky_jitter``, ×10 per try,
             ``cholesky_max_tries``), with a ``NumericalWarning``.
@@ -131,6 +134,26 @@ class InvQuadLogdetInfo:
     route: str = "lanczos"
     variance_reduced: bool = False
     jitter: float = 0.0
+    fixed_preconditioner: bool = False
+
+
+@dataclass(frozen=True)
+class _FrozenParts:
+    """What a :class:`~lanczos_grad_gp.settings.deterministic_objective` scope fixes for one covariance shape."""
+
+    precond: Preconditioner
+    probes: Tensor  # (*batch, n, N)
+
+
+def _rank_limited(precond: Preconditioner, trace_tol: float) -> bool:
+    """Whether the factor stopped at its rank cap, not at ``tr(K - LL^T) <= trace_tol · tr(D)`` (one host sync).
+
+    Only then is the log-determinant estimate genuinely stochastic: a factor that met the trace
+    tolerance makes ``B ≈ I``, value and (variance-reduced) gradient exact up to ``O(ρ)``, at every
+    ``θ`` it is rebuilt at. Preconditioners without a remainder ratio (overrides) count as limited.
+    """
+    ratio = getattr(precond, "remainder_ratio", None)
+    return ratio is None or bool((ratio > trace_tol).any())
 
 
 def _preconditioned_matmul(A: LinearOperator, precond: Preconditioner, x: Tensor) -> Tensor:
@@ -147,6 +170,10 @@ def _forward(
     grad_on = torch.is_grad_enabled()
     want_matrix = grad_on and any(t.requires_grad for t in matrix_args)
     want_rhs = grad_on and rhs is not None and rhs.requires_grad
+    t = 0 if rhs is None else rhs.shape[-1]
+    exact_trace = want_logdet and n <= options.num_probes
+    scope = settings.deterministic_objective.value() if want_logdet and not exact_trace else None
+    key = (batch, n, dtype, device, options, settings.preconditioner_override.value())
     with torch.no_grad():
         precond = select_preconditioner(
             A,
@@ -154,8 +181,17 @@ def _forward(
             trace_tol=options.preconditioner_tol,
             override=settings.preconditioner_override.value(),
         )
-    t = 0 if rhs is None else rhs.shape[-1]
-    exact_trace = want_logdet and n <= options.num_probes
+    # In a deterministic-objective scope a rank-limited factor is replaced by the key's fixed one (the
+    # first rank-limited factor of the scope, stored below with the probes); a factor that meets its
+    # trace tolerance is used as built: the estimate is then exact up to O(ρ), hence consistent.
+    frozen: _FrozenParts | None = None
+    fix_now = False
+    if scope is not None and _rank_limited(precond, options.preconditioner_tol):
+        frozen = scope.frozen.get(key)
+        if frozen is None:
+            fix_now = True
+        else:
+            precond = frozen.precond
     groups, starts = [], []
     if t:
         starts.append(precond.inv_root(rhs))  # w = C^{-1} r: autograd maps ∂/∂w back to r
@@ -164,8 +200,12 @@ def _forward(
     if want_logdet:
         if exact_trace:
             z = unit_probes(batch, n, dtype=dtype, device=device)
+        elif frozen is not None:
+            z = frozen.probes
         else:
             z = gp_probes(batch, n, options.num_probes, seed=options.probe_seed, dtype=dtype, device=device)
+            if fix_now:
+                scope.frozen[key] = _FrozenParts(precond, z)
         num = z.shape[-1]
         starts.append(z)
         groups.append(ColumnGroup(_LOG, num))
@@ -207,13 +247,19 @@ def _forward(
         if want_matrix and not exact_trace and options.control_variate:
             cv = logdet_control_variate(A, precond, z, weight)
             if cv is not None:
-                logdet = logdet + cv
+                # with P held fixed (deterministic-objective scope) the term keeps its value tr(G M(θ)):
+                # zero where P was built, zero in expectation everywhere, so that the value is the
+                # function whose gradient is returned; with P built at this call its value is zero
+                logdet = logdet + (cv if frozen is not None or fix_now else cv - cv.detach())
                 variance_reduced = True
         if not exact_trace and num > 1:
             se = per_probe.detach().std(-1) / num**0.5
         elif not exact_trace:  # one probe: the spread of a Rademacher estimate is unknown, not 0
             se = torch.full(batch, float("nan"), dtype=dtype, device=device)
     d = result.diagnostics
+    converged = bool(d.converged.all())
+    if scope is not None:
+        scope.calls += 1
     info = InvQuadLogdetInfo(
         n=n,
         batch_shape=batch,
@@ -224,10 +270,11 @@ def _forward(
         inv_quad_relative_residual=d.relative_residual[..., :t],
         logdet_relative_residual=d.relative_residual[..., t:],
         logdet_standard_error=se,
-        converged=bool(d.converged.all()),
+        converged=converged,
         options=options,
         attainable=bool(d.floor_ok.all()),
         variance_reduced=want_logdet and (exact_trace or variance_reduced),
+        fixed_preconditioner=frozen is not None or fix_now,
     )
     return inv_quad, logdet, info
 

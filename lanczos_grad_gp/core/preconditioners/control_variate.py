@@ -30,8 +30,18 @@ so with the interpolation ``R = W Q^{-1} = L L_π^{-1}`` (one triangular solve w
       + \langle \operatorname{diag} G, ∂d\rangle ,
 
 linear in the ``n × k`` block ``W`` (``Q`` is its rows ``π``) and the noise diagonal ``d``: one
-differentiable evaluation of ``k`` kernel columns, ``O(n k (k + N + d))`` in all. The term is
-returned with value zero, so it changes the gradient and never the value.
+differentiable evaluation of ``k`` kernel columns, ``O(n k (k + N + d))`` in all. With ``R``, ``G``
+held fixed this is the gradient of the linear function
+
+.. math::
+    H(θ) = \operatorname{tr}(G\, M(θ)),\qquad M(θ) = R W^\top + W R^\top - R Q R^\top + D(θ),
+
+``M`` the first-order model of ``P(θ)`` around the ``θ_0`` where ``P`` was built (``M(θ_0) = P``).
+``E[H] = 0`` at every ``θ`` and, for Rademacher probes, ``H(θ_0) = n - \frac1N\sum_p \|z_p\|^2 = 0``.
+:func:`logdet_control_variate` returns ``H`` with its value: the GP routine adds ``H - H.detach()``
+(a pure gradient term) when ``P`` was built at this call, and ``H`` itself when ``P`` is held fixed
+over many calls (:class:`lanczos_grad_gp.settings.deterministic_objective`), so the value is the
+function whose gradient is returned.
 
 **When it helps.** For Rademacher probes the variance of a quadratic-form estimate is twice the
 squared off-diagonal Frobenius norm of its matrix, so the control variate lowers the variance iff
@@ -77,7 +87,7 @@ def kernel_columns(op: LinearOperator, pivots: Tensor) -> Tensor:
 
 
 def logdet_control_variate(A: LinearOperator, precond: object, probes: Tensor, weight: float) -> Tensor | None:
-    r"""A ``(*batch)`` term of value 0 whose gradient is ``tr(G ∂P)`` (module docstring); ``None`` if not applicable.
+    r"""``H(θ) = tr(G M(θ))`` (``(*batch)``), of gradient ``tr(G ∂P)`` (module docstring); ``None`` if not applicable.
 
     Args:
         A: the covariance ``K_θ + D`` (an ``AddedDiagLinearOperator``), with its autograd graph.
@@ -110,4 +120,4 @@ def logdet_control_variate(A: LinearOperator, precond: object, probes: Tensor, w
     d = diag.diagonal()
     d = d.expand(*batch, n) if d.shape[:-1] != batch else d
     cv = 2.0 * (GR * W).sum((-2, -1)) - (J * Q).sum((-2, -1)) + (g_diag * d.to(R.dtype)).sum(-1)
-    return cv - cv.detach()
+    return cv

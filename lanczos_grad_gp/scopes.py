@@ -1,0 +1,21 @@
+"""The state of one :class:`~lanczos_grad_gp.settings.deterministic_objective` block.
+
+A scope maps each covariance key (batch shape, ``n``, dtype, device, options, preconditioner
+override) to the parts the GP routine holds fixed within the block: the preconditioner and the
+probes of the key's first call. It also counts the calls that used it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ObjectiveScope"]
+
+
+@dataclass
+class ObjectiveScope:
+    """Fixed parts by covariance key (the mutable state of one block)."""
+
+    frozen: dict[Any, Any] = field(default_factory=dict)
+    calls: int = 0

@@ -1,0 +1,269 @@
+"""``deterministic_objective``: one smooth estimator per block, its gradient the returned one.
+
+Oracles: central finite differences of the returned value against the returned directional
+derivative (they agree to the Lanczos tolerance plus the ``O(h²)`` difference error only when value
+and gradient belong to one function), a dense float64 ``logdet`` for unbiasedness (the mean over
+probe seeds is within 4 standard errors), and BoTorch's optimizers observed from inside their
+closures.
+
+Tolerances: Lanczos runs at ``lanczos_tol = 1e-10``, so value and slope errors are ~1e-10
+relative; a central difference with ``h = 1e-4`` adds ``h² f'''/6`` ≈ 1e-9 relative here. The
+consistency bound 1e-6 leaves a factor of ~100. Outside a block the same check misses by the
+neglected derivative of the preconditioner, measured 1e-2 (rank 30, noise 1e-2) to 2e-4 (rank 120,
+noise 0.05): the test asserts it is above 1e-5, i.e. that the check can fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import threading
+
+import gpytorch
+import pytest
+import torch
+
+import lanczos_grad_gp as lgg
+from lanczos_grad_gp.scopes import ObjectiveScope
+
+F64 = torch.float64
+
+
+class ExactGP(gpytorch.models.ExactGP):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(ard_num_dims=x.shape[-1]))
+
+    def forward(self, x: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def make_data(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, d, generator=g, dtype=F64)
+    y = torch.sin(6 * x).sum(-1) + 0.1 * torch.randn(n, generator=g, dtype=F64)
+    return x, (y - y.mean()) / y.std()
+
+
+def _model(n: int, noise: float, seed: int = 1):
+    x, y = make_data(n, d=3, seed=seed)
+    model = ExactGP(x, y).double()
+    model.likelihood.noise = noise
+    model.covar_module.base_kernel.lengthscale = 0.3
+    return model, gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model), x, y
+
+
+def _lanczos(rank: int, tol: float = 1e-10) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(lgg.settings.use_lanczos_grad())
+    stack.enter_context(lgg.settings.max_cholesky_size(0))
+    stack.enter_context(lgg.settings.max_preconditioner_size(rank))
+    stack.enter_context(lgg.settings.lanczos_tol(tol))
+    stack.enter_context(lgg.settings.max_lanczos_iter(400))
+    return stack
+
+
+class _Path:
+    """The loss along ``θ + t d`` for a fixed random direction ``d`` over all parameters."""
+
+    def __init__(self, model, mll, x, y, seed: int = 0) -> None:
+        self.model, self.mll, self.x, self.y = model, mll, x, y
+        self.params = list(model.parameters())
+        g = torch.Generator().manual_seed(seed)
+        self.direction = [torch.randn(p.shape, generator=g, dtype=F64) for p in self.params]
+
+    def shift(self, t: float) -> None:
+        with torch.no_grad():
+            for p, d in zip(self.params, self.direction, strict=True):
+                p.add_(t * d)
+
+    def loss_and_slope(self) -> tuple[float, float]:
+        loss = -self.mll(self.model(self.x), self.y)
+        grads = torch.autograd.grad(loss, self.params)
+        return float(loss.detach()), sum(float((g * d).sum()) for g, d in zip(grads, self.direction, strict=True))
+
+    def slope_mismatch(self, move: float, h: float = 1e-4) -> float:
+        """``|FD − slope| / |FD|`` at ``θ + move·d``, after a first call at ``θ`` (where a block fixes P)."""
+        self.loss_and_slope()
+        self.shift(move)
+        _, slope = self.loss_and_slope()
+        self.shift(h)
+        plus, _ = self.loss_and_slope()
+        self.shift(-2 * h)
+        minus, _ = self.loss_and_slope()
+        self.shift(h - move)
+        fd = (plus - minus) / (2 * h)
+        return abs(fd - slope) / abs(fd)
+
+
+@pytest.mark.parametrize("noise,rank", [(1e-2, 30), (0.05, 120)], ids=["plain", "control-variate"])
+def test_value_and_gradient_are_one_function_in_a_block(noise, rank):
+    model, mll, x, y = _model(300, noise)
+    path = _Path(model, mll, x, y)
+    with _lanczos(rank), lgg.record_calls() as calls:
+        fresh = path.slope_mismatch(0.3)
+        with lgg.settings.deterministic_objective():
+            scoped = path.slope_mismatch(0.3)
+    assert calls[0].preconditioner_rank == rank  # rank-limited: the case the block is for
+    fixed = [c.fixed_preconditioner for c in calls]
+    # outside the block nothing is fixed; inside it, the slope and both difference points share one P
+    assert fixed[:4] == [False] * 4 and all(fixed[5:]), fixed
+    assert calls[0].variance_reduced == (rank == 120)
+    assert scoped <= 1e-6, scoped
+    assert fresh > 1e-5, fresh  # outside the block the check fails: the test can fail
+
+
+def test_block_leaves_the_value_where_the_estimator_is_built():
+    model, mll, x, y = _model(400, 0.05)
+    with _lanczos(120):
+        ref = float(-mll(model(x), y))
+        with lgg.settings.deterministic_objective():
+            scoped = float(-mll(model(x), y))
+            scope = lgg.settings.deterministic_objective.value()
+    assert isinstance(scope, ObjectiveScope) and len(scope.frozen) == 1 and scope.calls == 1
+    assert abs(scoped - ref) <= 1e-12 * abs(ref)  # tr(G P_0) = n - Σ‖z‖²/N = 0 for Rademacher probes
+
+
+def test_fixed_estimator_is_unbiased_away_from_where_it_was_built():
+    """E[F(θ₁)] = log det K(θ₁) for a preconditioner fixed at θ₀ ≠ θ₁ (mean over 40 probe seeds).
+
+    Lanczos at its default tolerance: its bias (~1e-4 relative per probe) is far below the standard error.
+    """
+    x, _ = make_data(100, d=3, seed=2)
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double()
+
+    def covariance(lengthscale: float, noise: float):
+        kernel.base_kernel.lengthscale = lengthscale
+        with torch.no_grad():
+            return kernel(x).evaluate_kernel().add_diagonal(torch.tensor(noise, dtype=F64))
+
+    exact = float(torch.logdet(covariance(0.45, 0.02).to_dense()))
+    values = []
+    for seed in range(40):
+        with _lanczos(6, tol=1e-4), lgg.settings.probe_seed(seed), lgg.settings.deterministic_objective():
+            lgg.inv_quad_logdet(covariance(0.3, 0.1), logdet=True)  # fixes P at θ₀
+            values.append(float(lgg.inv_quad_logdet(covariance(0.45, 0.02), logdet=True)[1]))
+    values_t = torch.tensor(values, dtype=F64)
+    se = float(values_t.std() / len(values) ** 0.5)
+    assert abs(float(values_t.mean()) - exact) <= 4 * se, (float(values_t.mean()), exact, se)
+    assert se > 0  # the estimate is stochastic: the probes, not the preconditioner, decide the value
+
+
+def test_factor_that_meets_its_tolerance_is_rebuilt_in_a_block():
+    """At BO sizes the factor reaches preconditioner_tol (exact up to O(ρ)): nothing is fixed."""
+    model, mll, x, y = _model(120, 0.05)
+    path = _Path(model, mll, x, y)
+    with _lanczos(500):
+        path.shift(0.2)
+        ref = path.loss_and_slope()
+        path.shift(-0.2)
+        with lgg.settings.deterministic_objective():
+            path.loss_and_slope()
+            path.shift(0.2)
+            scoped = path.loss_and_slope()
+            path.shift(-0.2)
+            assert not lgg.settings.deterministic_objective.value().frozen
+    assert scoped == ref
+
+
+def test_scope_per_block_thread_local_and_validated():
+    assert lgg.settings.deterministic_objective.value() is None
+    ctx = lgg.settings.deterministic_objective()
+    with ctx:
+        first = lgg.settings.deterministic_objective.value()
+        seen: list[object] = []
+        worker = threading.Thread(target=lambda: seen.append(lgg.settings.deterministic_objective.value()))
+        worker.start()
+        worker.join()
+        assert seen == [None]
+        with lgg.settings.deterministic_objective(False):
+            assert lgg.settings.deterministic_objective.value() is None
+        assert lgg.settings.deterministic_objective.value() is first
+    with ctx:  # the same object opens a new, empty scope
+        assert lgg.settings.deterministic_objective.value() is not first
+    assert lgg.settings.deterministic_objective.value() is None
+    with pytest.raises(ValueError, match="bool"):
+        lgg.settings.deterministic_objective("yes")
+    with pytest.raises(TypeError, match="process-wide default"):
+        lgg.settings.deterministic_objective.set_default(True)
+
+
+# --- BoTorch's L-BFGS runs -----------------------------------------------------------------------
+
+botorch = pytest.importorskip("botorch", reason="botorch is an optional extra")
+
+
+def _quadratic_closure(parameters, seen):
+    def closure():
+        seen.append(lgg.settings.deterministic_objective.value())
+        loss = ((parameters["x"] - 1.0) ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, [parameters["x"]])
+        return loss.detach(), [grad]
+
+    return closure
+
+
+def test_botorch_scipy_minimize_runs_in_a_block_under_the_flag_only():
+    from botorch.optim import core, fit
+
+    assert fit.scipy_minimize is core.scipy_minimize  # one wrapper, both names
+    for flag in (False, True):
+        parameters = {"x": torch.zeros(2, dtype=F64, requires_grad=True)}
+        seen: list[object] = []
+        with lgg.settings.use_lanczos_grad(flag):
+            result = core.scipy_minimize(_quadratic_closure(parameters, seen), parameters)
+        assert torch.allclose(parameters["x"], torch.ones(2, dtype=F64), atol=1e-5)
+        assert result.fval < 1e-9
+        scopes = {id(s) for s in seen}
+        if flag:
+            assert all(isinstance(s, ObjectiveScope) for s in seen)
+            assert len(scopes) == 1  # no stochastic log-determinant in the run: no end-point check, no rerun
+        else:
+            assert seen and all(s is None for s in seen)
+
+
+def test_botorch_batched_lbfgs_runs_in_a_block():
+    import numpy as np
+    from botorch.optim.batched_lbfgs_b import fmin_l_bfgs_b_batched
+
+    seen: list[object] = []
+
+    def func(x, batch_indices=None):
+        seen.append(lgg.settings.deterministic_objective.value())
+        return ((x - 2.0) ** 2).sum(-1), 2 * (x - 2.0)
+
+    with lgg.settings.use_lanczos_grad():
+        xs, fs, _ = fmin_l_bfgs_b_batched(func=func, x0=np.zeros((3, 2)), pass_batch_indices=True)
+    assert np.allclose(xs, 2.0, atol=1e-5)
+    assert seen and all(isinstance(s, ObjectiveScope) for s in seen)
+
+
+def test_uninstall_restores_botorch_and_install_wraps_again():
+    from botorch.optim import core
+
+    wrapped = core.scipy_minimize
+    original = wrapped.__lgg_original__
+    lgg.patching.uninstall()
+    try:
+        assert core.scipy_minimize is original
+        assert lgg.botorch_hooks.installed_targets() == []
+        with lgg.settings.use_lanczos_grad():  # the flag does not re-patch after an uninstall
+            assert core.scipy_minimize is original
+    finally:
+        lgg.patching.install()
+    assert core.scipy_minimize.__lgg_original__ is original
+
+
+def test_botorch_imported_lazily_after_the_library_is_wrapped():
+    code = (
+        "import lanczos_grad_gp as lgg, botorch, sys\n"
+        "assert 'botorch.optim.core' not in sys.modules\n"
+        "fit = botorch.fit.fit_gpytorch_mll\n"  # lazy attribute: imports botorch.optim.fit now
+        "import botorch.optim.fit as f\n"
+        "assert hasattr(f.scipy_minimize, '__lgg_original__'), f.scipy_minimize\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -23,7 +23,7 @@ PHASES = [
     ("dense kernel matrix (fused: `fill_matrix`)", "kernels/blocks.py", "fill_matrix"),
     ("GPyTorch kernel build (generic path: `evaluate_kernel`)", "lazy_evaluated_kernel_tensor.py", "evaluate_kernel"),
     ("pivoted-Cholesky preconditioner", "preconditioners/low_rank.py", "pivoted_cholesky_preconditioner"),
-    ("log-det control variate", "preconditioners/control_variate.py", "logdet_control_variate"),
+    ("log-det control variate", "preconditioners/control_variate.py", "control_variate_term"),
     ("Lanczos loop (`lanczos_tridiag`)", "core/lanczos.py", "lanczos_tridiag"),
     ("gradient factors (`gradient_factors`)", "core/forward_grad.py", "gradient_factors"),
     ("our backward (`forward_only` Function)", "functions/forward_only.py", "backward"),

@@ -13,9 +13,11 @@ the noise by orders of magnitude): the estimate's variance grows away from where
 the run ends on the optimum of a noisier estimate. So after each run the estimator is rebuilt at the
 end point (a new scope: new preconditioner, same probes) and evaluated once; if that value differs
 from the run's final value by more than :data:`REBUILD_TOL`, the run is repeated from there, at most
-:data:`MAX_RUNS` runs in all. A preconditioner built at ``θ`` makes the estimate exact at ``θ`` when
-its rank is full and close to exact nearby, so the reruns settle where the exact optimum is; each
-run is one deterministic objective, which is what the line search needs.
+:data:`MAX_RUNS` runs in all. A preconditioner built at ``θ`` makes the estimate exact at ``θ`` up to ``O(ρ)`` when
+it meets its trace tolerance, and reruns only happen after runs that held a rank-limited one fixed;
+their estimator is then built near the optimum, where its spread is smallest. Each run is one
+deterministic objective, which is what the line search needs. Reruns never follow a run that
+stopped on ``maxiter``, a timeout or a callback, and share the caller's ``timeout_sec``.
 
 Wrapped, while :class:`~lanczos_grad_gp.settings.use_lanczos_grad` is on (otherwise the original
 runs untouched):
@@ -24,7 +26,11 @@ runs untouched):
   ``fit_gpytorch_mll_scipy``, the default optimizer of ``fit_gpytorch_mll``; every retry from
   prior samples is a new run, hence a new scope;
 * ``botorch.optim.batched_lbfgs_b.fmin_l_bfgs_b_batched``: the batched independent fits of
-  multi-output models.
+  multi-output models. ``botorch.generation.gen`` binds this name when it is imported, so its
+  acquisition optimization is wrapped too when it is imported after ``lanczos_grad_gp``; that has no
+  effect (no log-determinant is estimated there, so no block holds anything and no rerun happens).
+  Copies bound by ``from ... import`` before ``lanczos_grad_gp`` was imported are not wrapped, and
+  those bound after it keep the wrapper after ``uninstall()`` (it then calls the original directly).
 
 BoTorch is an optional dependency and importing it changes GPyTorch's global settings, so this
 module never imports it: :func:`install_if_imported` patches only modules already in
@@ -35,15 +41,20 @@ before or after ``import lanczos_grad_gp`` both work.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.machinery
 import sys
 import threading
+import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
+from linear_operator.utils.warnings import NumericalWarning
 
 from . import settings
 
@@ -67,26 +78,68 @@ _originals: dict[tuple[str, str], Callable[..., Any]] = {}
 _enabled = False  # set by lanczos_grad_gp.patching.install(), cleared by its uninstall()
 
 
+def _active() -> bool:
+    return _enabled and settings.use_lanczos_grad.on()
+
+
+def _fixed_parts_used() -> bool:
+    """Whether the open block held a preconditioner fixed (a rank-limited, stochastic estimate)."""
+    return settings.deterministic_objective.value().calls > 0
+
+
+def _rerun_failed(error: BaseException) -> None:
+    warnings.warn(
+        f"lanczos_grad_gp: a rerun of BoTorch's L-BFGS with the estimator rebuilt at the previous run's end "
+        f"point failed ({type(error).__name__}: {error}); the previous run's result is kept.",
+        NumericalWarning,
+        stacklevel=3,
+    )
+
+
 def _scipy_minimize_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``scipy_minimize`` in fresh deterministic-objective scopes, rerun while the estimator moved."""
+    """``scipy_minimize`` in fresh deterministic-objective scopes, rerun while the estimator moved.
+
+    Reruns only follow a run that ended by itself (not on ``maxiter``, a timeout or a callback's
+    ``StopIteration``: status ``STOPPED``), get what is left of ``timeout_sec``, and are skipped when the
+    run held no preconditioner fixed. Errors in the check or a rerun keep the previous result (warned).
+    """
 
     @functools.wraps(fn)
     def run(closure: Any, parameters: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if settings.use_lanczos_grad.off():
+        if not _active():
             return fn(closure, parameters, *args, **kwargs)
+        start = time.monotonic()
         with settings.deterministic_objective():
             result = fn(closure, parameters, *args, **kwargs)
-            stochastic = settings.deterministic_objective.value().calls > 0
+            rerun = _fixed_parts_used()
         for _ in range(MAX_RUNS - 1):
-            if not stochastic:  # no stochastic log-determinant (e.g. the Cholesky route): nothing to rebuild
+            if not rerun or getattr(result.status, "name", "") == "STOPPED":
                 return result
             args, kwargs = _without_x0(args, kwargs)  # the run wrote its end point into the parameters
-            with settings.deterministic_objective():
-                value = _as_float(closure()[0])  # the rebuilt estimator at the end point
-                if not _moved(value, result.fval):
+            timeout = kwargs.get("timeout_sec", args[5] if len(args) > 5 else None)
+            if timeout is not None:
+                left = timeout - (time.monotonic() - start)
+                if left <= 0:
                     return result
-                result = fn(closure, parameters, *args, **kwargs)
-                stochastic = settings.deterministic_objective.value().calls > 0
+                if len(args) > 5:
+                    args = (*args[:5], left, *args[6:])
+                else:
+                    kwargs = {**kwargs, "timeout_sec": left}
+            snapshot = {name: p.detach().clone() for name, p in parameters.items()}
+            with settings.deterministic_objective():
+                try:
+                    value = _as_float(closure()[0])  # the rebuilt estimator at the end point
+                    if not np.isfinite(value) or not _moved(value, result.fval):
+                        return result
+                    new = fn(closure, parameters, *args, **kwargs)
+                except Exception as error:  # our rerun, not the user's run: keep the good result
+                    with torch.no_grad():
+                        for name, p in parameters.items():
+                            p.copy_(snapshot[name])
+                    _rerun_failed(error)
+                    return result
+                rerun = _fixed_parts_used()
+            result = new
         return result
 
     run.__lgg_original__ = fn  # type: ignore[attr-defined]
@@ -94,43 +147,54 @@ def _scipy_minimize_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _as_float(value: Any) -> float:
-    return float(value.detach().sum()) if hasattr(value, "detach") else float(value.sum())
+    return float(value.detach().sum()) if hasattr(value, "detach") else float(np.sum(value))
 
 
 def _moved(new: Any, old: Any) -> bool:
     """Whether the estimator rebuilt at a run's end point disagrees with the run's own final value."""
     new, old = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
-    return bool(np.any(~np.isfinite(new)) or np.any(np.abs(new - old) > REBUILD_TOL * np.maximum(1.0, np.abs(old))))
+    return bool(np.any(np.abs(new - old) > REBUILD_TOL * np.maximum(1.0, np.abs(old))))
 
 
 def _without_x0(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    # args after (closure, parameters): (bounds, callback, x0, ...); x0 None starts from the parameters
+    # args after (closure, parameters): (bounds, callback, x0, method, options, timeout_sec)
     if len(args) > 2:
         args = (*args[:2], None, *args[3:])
     return args, ({**kwargs, "x0": None} if "x0" in kwargs else kwargs)
 
 
 def _batched_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fmin_l_bfgs_b_batched(func, x0, ...) -> (xs, fs, results)`` in fresh scopes, rerun from ``xs``."""
+    """``fmin_l_bfgs_b_batched(func, x0, ...) -> (xs, fs, results)`` in fresh scopes, rerun from ``xs``.
+
+    As :func:`_scipy_minimize_runs`; no rerun after an entry stopped at ``maxiter`` (``warnflag`` 1).
+    """
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if settings.use_lanczos_grad.off():
+        if not _active():
             return fn(*args, **kwargs)
         with settings.deterministic_objective():
             result = fn(*args, **kwargs)
-            stochastic = settings.deterministic_objective.value().calls > 0
+            rerun = _fixed_parts_used()
         func = args[0] if args else kwargs["func"]
         for _ in range(MAX_RUNS - 1):
-            if not stochastic:
+            if not rerun or any(r.get("warnflag", 0) == 1 for r in result[2]):
                 return result
             xs, fs = result[0], result[1]
             args, kwargs = ((args[0], xs, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "x0": xs})
             with settings.deterministic_objective():
-                if not _moved(func(xs)[0], fs):
+                try:
+                    values = np.asarray(func(xs)[0], dtype=float)
+                    if not np.all(np.isfinite(values)) or not _moved(values, fs):
+                        return result
+                    new = fn(*args, **kwargs)
+                except Exception as error:
+                    with contextlib.suppress(Exception):  # the closure writes the state it evaluates:
+                        func(xs)  # put the previous end point back
+                    _rerun_failed(error)
                     return result
-                result = fn(*args, **kwargs)
-                stochastic = settings.deterministic_objective.value().calls > 0
+                rerun = _fixed_parts_used()
+            result = new
         return result
 
     run.__lgg_original__ = fn  # type: ignore[attr-defined]
@@ -151,9 +215,14 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module: Any) -> None:
         self._loader.exec_module(module)
+        with _lock:  # a (re)loaded module has fresh, unwrapped functions
+            for key in [k for k in _originals if k[0] == module.__name__]:
+                del _originals[key]
         install_if_imported()
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... for tracebacks and inspect
+        if name == "_loader" or name.startswith("__"):  # copy / pickle probe dunders before __init__ ran
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
@@ -165,8 +234,10 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname not in self._names or not _enabled:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+        for finder in list(sys.meta_path):
+            if isinstance(finder, _PostImportFinder) or type(finder).__name__ == "_PostImportFinder":
+                continue  # this one, or a copy left by a reload of this module: never each other
+            if not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
@@ -225,4 +296,5 @@ def uninstall() -> None:
 
 def installed_targets() -> list[str]:
     """The wrapped functions, as ``module.attribute``."""
-    return [f"{m}.{a}" for m, a in _originals]
+    with _lock:
+        return [f"{m}.{a}" for m, a in _originals]

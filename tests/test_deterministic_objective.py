@@ -267,3 +267,88 @@ def test_botorch_imported_lazily_after_the_library_is_wrapped():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def _moving_closure(parameters, scopes):
+    """A stand-in for a rank-limited GP objective: each block is a slightly different estimator."""
+
+    def closure():
+        scope = lgg.settings.deterministic_objective.value()
+        scope.calls += 1  # as the GP routine does when it holds a preconditioner fixed
+        if not scopes or scopes[-1] is not scope:
+            scopes.append(scope)
+        loss = ((parameters["x"] - 1.0) ** 2).sum() + 0.01 * len(scopes)
+        (grad,) = torch.autograd.grad(loss, [parameters["x"]])
+        return loss.detach(), [grad]
+
+    return closure
+
+
+def test_reruns_stop_at_max_runs_and_never_follow_a_stopped_run():
+    from botorch.optim import core
+
+    from lanczos_grad_gp import botorch_hooks
+
+    with lgg.settings.use_lanczos_grad():
+        parameters = {"x": torch.zeros(2, dtype=F64, requires_grad=True)}
+        scopes: list[object] = []
+        core.scipy_minimize(_moving_closure(parameters, scopes), parameters)
+        assert len(scopes) == botorch_hooks.MAX_RUNS  # the estimator "moved" every time: all reruns used
+
+        parameters = {"x": torch.zeros(2, dtype=F64, requires_grad=True)}
+        scopes = []
+        result = core.scipy_minimize(_moving_closure(parameters, scopes), parameters, options={"maxiter": 1})
+        assert result.status.name == "STOPPED" and len(scopes) == 1  # maxiter is the caller's budget
+
+        parameters = {"x": torch.zeros(2, dtype=F64, requires_grad=True)}
+        scopes = []
+        core.scipy_minimize(_moving_closure(parameters, scopes), parameters, timeout_sec=1e-9)
+        assert len(scopes) == 1  # no time left for a rerun
+
+
+def test_a_failing_rerun_keeps_the_previous_result():
+    from botorch.optim import core
+
+    parameters = {"x": torch.zeros(2, dtype=F64, requires_grad=True)}
+    scopes: list[object] = []
+    inner = _moving_closure(parameters, scopes)
+
+    def closure():
+        if len(scopes) >= 1 and lgg.settings.deterministic_objective.value() is not scopes[0]:
+            raise ValueError("broken in the rerun")
+        return inner()
+
+    with lgg.settings.use_lanczos_grad(), pytest.warns(lgg.diagnostics.NumericalWarning, match="previous run"):
+        result = core.scipy_minimize(closure, parameters)
+    assert result.status.name == "SUCCESS"
+    assert torch.allclose(parameters["x"], torch.ones(2, dtype=F64), atol=1e-5)
+
+
+def test_value_without_gradients_is_the_same_function_in_a_block():
+    model, mll, x, y = _model(300, 0.05)
+    path = _Path(model, mll, x, y)
+    with _lanczos(120), lgg.settings.deterministic_objective():
+        path.shift(0.3)
+        path.loss_and_slope()  # builds and fixes P here
+        path.shift(-0.3)
+        with_grad, _ = path.loss_and_slope()
+        with torch.no_grad():
+            without = float(-mll(model(x), y))
+    assert abs(with_grad - without) <= 1e-12 * abs(with_grad)
+
+
+def test_import_hook_survives_reload_and_copy():
+    code = (
+        "import copy, importlib, pickle, lanczos_grad_gp as lgg\n"
+        "import botorch.optim.core as core\n"
+        "assert hasattr(core.scipy_minimize, '__lgg_original__')\n"
+        "copy.copy(core.__spec__.loader); pickle.dumps(core.__spec__.loader)\n"
+        "importlib.reload(core)\n"
+        "assert hasattr(core.scipy_minimize, '__lgg_original__'), 'reload unwrapped'\n"
+        "importlib.reload(lgg.botorch_hooks); lgg.botorch_hooks.enable()\n"
+        "import botorch.optim.batched_lbfgs_b as b  # two finders now (the old module's and the new): no recursion\n"
+        "assert hasattr(b.fmin_l_bfgs_b_batched, '__lgg_original__')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -44,7 +44,7 @@ from .._compat import operator_matmul
 from ..core.engine import ColumnGroup, EngineOptions, lanczos_forward
 from ..core.matfuncs import BUILTIN_FUNCTIONS
 from ..core.preconditioners import Preconditioner, select_preconditioner
-from ..core.preconditioners.control_variate import logdet_control_variate
+from ..core.preconditioners.control_variate import control_variate_term
 from ..core.probes import gp_probes, unit_probes
 from ..diagnostics import record, record_calls, warn_not_converged
 from .forward_only import GradientPayload, attach_forward_only_gradient, flatten_factors
@@ -145,15 +145,16 @@ class _FrozenParts:
     probes: Tensor  # (*batch, n, N)
 
 
-def _rank_limited(precond: Preconditioner, trace_tol: float) -> bool:
-    """Whether the factor stopped at its rank cap, not at ``tr(K - LL^T) <= trace_tol · tr(D)`` (one host sync).
+def _rank_limited(precond: Preconditioner, max_rank: int, n: int) -> bool:
+    """Whether the factor stopped at its rank cap short of ``n`` (so the log-determinant is a genuine estimate).
 
-    Only then is the log-determinant estimate genuinely stochastic: a factor that met the trace
-    tolerance makes ``B ≈ I``, value and (variance-reduced) gradient exact up to ``O(ρ)``, at every
-    ``θ`` it is rebuilt at. Preconditioners without a remainder ratio (overrides) count as limited.
+    A factor that stopped earlier met the pivoted Cholesky's trace tolerance, ``B ≈ I``, and value and
+    (variance-reduced) gradient are exact up to ``O(ρ)`` at every ``θ`` it is rebuilt at; a full-rank one
+    is exact. Preconditioners without a pivoted-Cholesky factor (overrides) count as rank-limited.
     """
-    ratio = getattr(precond, "remainder_ratio", None)
-    return ratio is None or bool((ratio > trace_tol).any())
+    if getattr(precond, "factor", None) is None:
+        return not (precond.rank == 0 and max_rank == 0)  # max_preconditioner_size 0: identity, nothing to fix
+    return max_rank <= precond.rank < n
 
 
 def _preconditioned_matmul(A: LinearOperator, precond: Preconditioner, x: Tensor) -> Tensor:
@@ -186,7 +187,7 @@ def _forward(
     # trace tolerance is used as built: the estimate is then exact up to O(ρ), hence consistent.
     frozen: _FrozenParts | None = None
     fix_now = False
-    if scope is not None and _rank_limited(precond, options.preconditioner_tol):
+    if scope is not None and _rank_limited(precond, options.max_preconditioner_size, n):
         frozen = scope.frozen.get(key)
         if frozen is None:
             fix_now = True
@@ -244,21 +245,24 @@ def _forward(
         per_probe = values[..., t:]  # (*batch, N)
         weight = 1.0 if exact_trace else 1.0 / num
         logdet = precond.logdet.to(dtype) + weight * per_probe.sum(-1)
-        if want_matrix and not exact_trace and options.control_variate:
-            cv = logdet_control_variate(A, precond, z, weight)
+        fixed = frozen is not None or fix_now
+        if (want_matrix or fixed) and not exact_trace and options.control_variate:
+            # with P held fixed (deterministic-objective block) the term keeps its value H(θ) = tr(G M(θ)),
+            # with or without gradients: zero where P was built, zero in expectation everywhere, so the
+            # value is the function whose gradient is returned; with P built at this call it is a pure
+            # gradient term (value zero)
+            with torch.set_grad_enabled(want_matrix):
+                cv = control_variate_term(A, precond, z, weight)
             if cv is not None:
-                # with P held fixed (deterministic-objective scope) the term keeps its value tr(G M(θ)):
-                # zero where P was built, zero in expectation everywhere, so that the value is the
-                # function whose gradient is returned; with P built at this call its value is zero
-                logdet = logdet + (cv if frozen is not None or fix_now else cv - cv.detach())
-                variance_reduced = True
+                logdet = logdet + (cv if fixed else cv - cv.detach())
+                variance_reduced = want_matrix or variance_reduced
         if not exact_trace and num > 1:
             se = per_probe.detach().std(-1) / num**0.5
         elif not exact_trace:  # one probe: the spread of a Rademacher estimate is unknown, not 0
             se = torch.full(batch, float("nan"), dtype=dtype, device=device)
     d = result.diagnostics
     converged = bool(d.converged.all())
-    if scope is not None:
+    if frozen is not None or fix_now:
         scope.calls += 1
     info = InvQuadLogdetInfo(
         n=n,

@@ -38,7 +38,8 @@ held fixed this is the gradient of the linear function
 
 ``M`` the first-order model of ``P(θ)`` around the ``θ_0`` where ``P`` was built (``M(θ_0) = P``).
 ``E[H] = 0`` at every ``θ`` and, for Rademacher probes, ``H(θ_0) = n - \frac1N\sum_p \|z_p\|^2 = 0``.
-:func:`logdet_control_variate` returns ``H`` with its value: the GP routine adds ``H - H.detach()``
+:func:`control_variate_term` returns ``H`` with its value (:func:`logdet_control_variate`, ``H - H.detach()``,
+a pure gradient term); the GP routine adds ``H - H.detach()``
 (a pure gradient term) when ``P`` was built at this call, and ``H`` itself when ``P`` is held fixed
 over many calls (:class:`lanczos_grad_gp.settings.deterministic_objective`), so the value is the
 function whose gradient is returned.
@@ -62,7 +63,7 @@ from torch import Tensor
 
 from ..._compat import added_diag_parts, get_entries
 
-__all__ = ["MAX_REMAINDER_RATIO", "kernel_columns", "logdet_control_variate"]
+__all__ = ["MAX_REMAINDER_RATIO", "control_variate_term", "kernel_columns", "logdet_control_variate"]
 
 #: largest ``tr(K_θ − LL^T) / tr(D)`` at which the control variate is used (module docstring)
 MAX_REMAINDER_RATIO = 1.0
@@ -86,7 +87,7 @@ def kernel_columns(op: LinearOperator, pivots: Tensor) -> Tensor:
     return get_entries(op, row, pivots.unsqueeze(-2), *batch_idx)
 
 
-def logdet_control_variate(A: LinearOperator, precond: object, probes: Tensor, weight: float) -> Tensor | None:
+def control_variate_term(A: LinearOperator, precond: object, probes: Tensor, weight: float) -> Tensor | None:
     r"""``H(θ) = tr(G M(θ))`` (``(*batch)``), of gradient ``tr(G ∂P)`` (module docstring); ``None`` if not applicable.
 
     Args:
@@ -121,3 +122,9 @@ def logdet_control_variate(A: LinearOperator, precond: object, probes: Tensor, w
     d = d.expand(*batch, n) if d.shape[:-1] != batch else d
     cv = 2.0 * (GR * W).sum((-2, -1)) - (J * Q).sum((-2, -1)) + (g_diag * d.to(R.dtype)).sum(-1)
     return cv
+
+
+def logdet_control_variate(A: LinearOperator, precond: object, probes: Tensor, weight: float) -> Tensor | None:
+    """A ``(*batch)`` term of value 0 whose gradient is ``tr(G ∂P)``: :func:`control_variate_term` minus its value."""
+    term = control_variate_term(A, precond, probes, weight)
+    return None if term is None else term - term.detach()

@@ -214,7 +214,6 @@ def test_forced_lanczos_fit_lands_where_cholesky_lands(fn, n):
     assert lanczos_calls and all(c.variance_reduced for c in lanczos_calls)
 
 
-@pytest.mark.slow  # about 2.5 min on 2 cores
 def test_forced_lanczos_fit_with_a_rank_limited_preconditioner_lands_where_cholesky_lands():
     """Beyond BO sizes the factor stops at its rank cap and the estimate is stochastic.
 

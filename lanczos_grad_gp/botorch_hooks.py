@@ -126,24 +126,59 @@ def _scipy_minimize_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
                 else:
                     kwargs = {**kwargs, "timeout_sec": left}
             snapshot = {name: p.detach().clone() for name, p in parameters.items()}
-            with settings.deterministic_objective():
-                try:
-                    value = _as_float(closure()[0])  # the rebuilt estimator at the end point
-                    if not np.isfinite(value) or not _moved(value, result.fval):
-                        return result
-                    new = fn(closure, parameters, *args, **kwargs)
-                except Exception as error:  # our rerun, not the user's run: keep the good result
-                    with torch.no_grad():
-                        for name, p in parameters.items():
-                            p.copy_(snapshot[name])
-                    _rerun_failed(error)
-                    return result
-                rerun = _fixed_parts_used()
+            new, rerun = _rerun_if_moved(
+                functools.partial(_closure_value, closure),
+                result.fval,
+                functools.partial(fn, closure, parameters, *args, **kwargs),
+                functools.partial(_restore_parameters, parameters, snapshot),
+            )
+            if new is None:
+                return result
             result = new
         return result
 
     run.__lgg_original__ = fn  # type: ignore[attr-defined]
     return run
+
+
+def _rerun_if_moved(
+    evaluate: Callable[[], Any], old: Any, run_again: Callable[[], Any], restore: Callable[[], None]
+) -> tuple[Any, bool]:
+    """In a fresh block: the rebuilt estimator's value at the end point; rerun when it moved from ``old``.
+
+    Returns ``(new result, whether the rerun held parts fixed)``, or ``(None, False)``: no rerun (the value
+    did not move or is not finite), or the check / rerun raised (``restore()`` puts the end point back, warned).
+    """
+    with settings.deterministic_objective():
+        try:
+            values = np.asarray(evaluate(), dtype=float)
+            if not np.all(np.isfinite(values)) or not _moved(values, old):
+                return None, False
+            new = run_again()
+        except Exception as error:  # our rerun, not the caller's run: keep the good result
+            restore()
+            _rerun_failed(error)
+            return None, False
+        return new, _fixed_parts_used()
+
+
+def _closure_value(closure: Any) -> float:
+    return _as_float(closure()[0])
+
+
+def _restore_parameters(parameters: dict[str, Any], snapshot: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for name, p in parameters.items():
+            p.copy_(snapshot[name])
+
+
+def _batched_values(func: Any, xs: Any) -> Any:
+    return func(xs)[0]
+
+
+def _batched_restore(func: Any, xs: Any) -> None:
+    with contextlib.suppress(Exception):  # the closure writes the state it evaluates: put the end point back
+        func(xs)
 
 
 def _as_float(value: Any) -> float:
@@ -182,18 +217,14 @@ def _batched_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return result
             xs, fs = result[0], result[1]
             args, kwargs = ((args[0], xs, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "x0": xs})
-            with settings.deterministic_objective():
-                try:
-                    values = np.asarray(func(xs)[0], dtype=float)
-                    if not np.all(np.isfinite(values)) or not _moved(values, fs):
-                        return result
-                    new = fn(*args, **kwargs)
-                except Exception as error:
-                    with contextlib.suppress(Exception):  # the closure writes the state it evaluates:
-                        func(xs)  # put the previous end point back
-                    _rerun_failed(error)
-                    return result
-                rerun = _fixed_parts_used()
+            new, rerun = _rerun_if_moved(
+                functools.partial(_batched_values, func, xs),
+                fs,
+                functools.partial(fn, *args, **kwargs),
+                functools.partial(_batched_restore, func, xs),
+            )
+            if new is None:
+                return result
             result = new
         return result
 

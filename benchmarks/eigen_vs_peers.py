@@ -1,11 +1,16 @@
 """Eigen-utilities against their peers: ``scipy.sparse.linalg.eigsh`` (ARPACK) and hessian-eigenthings.
 
-Problems (every operator application is counted by a wrapper, the same for every method):
+Problems (every operator application is counted by a wrapper and computed by the same torch product,
+the same for every method; scipy gets it through ``torch.from_numpy``):
 
 * ``hessian``: the Hessian of a small MLP's MSE loss (synthetic regression data), top-``k`` by magnitude;
   dense reference ``torch.autograd.functional.hessian`` + ``eigvalsh``. hessian-eigenthings runs on its
   own ``HessianOperator``, scipy and ours on ``lanczos_grad_gp.eigen.curvature.HessianOperator``.
-* ``kernel``: a dense RBF kernel matrix ``K + σ² I`` (``--n``, default 5000), top-``k`` (``LA``).
+* ``cnn``: the same for a small CNN classifier (two 3x3 convolutions, average pooling, cross-entropy) on
+  synthetic 10x10 images.
+* ``kernel`` / ``kernel_large``: a dense RBF kernel matrix ``K + σ² I`` (``--n``, default 5000;
+  ``--large-n``, default 20000), top-``k`` (``LA``); above ``--dense-max-n`` the reference is ARPACK at
+  ``tol=0`` from another start vector (a dense ``eigvalsh`` at n = 20000 takes longer than all the rest).
 * ``multiplicity``: the issue's spectrum (10 four times, 5, then ``[0, 4]``), ``k = 4``, ``LA``: which
   methods return a wrong pair marked converged.
 * ``shift``: the smallest eigenvalues of a noisy kernel with heteroscedastic noise (distinct small
@@ -19,13 +24,14 @@ converged (its own test), together with its error against the dense reference.
 
 Usage::
 
-    python -m benchmarks.eigen_vs_peers --parts hessian kernel multiplicity shift --n 5000 --k 10
+    python -m benchmarks.eigen_vs_peers --parts hessian cnn kernel kernel_large multiplicity shift --k 10
     python -m benchmarks.eigen_vs_peers --parts memory --memory-sizes 10000 20000 30000
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -50,12 +56,20 @@ except ImportError:  # pragma: no cover - reported in the output
 
 
 class Counted(CurvatureOperator):
-    """Any ``X -> A X`` callable as a curvature operator that counts applied vectors."""
+    """Any ``X -> A X`` callable as a curvature operator that counts applied vectors.
 
-    def __init__(self, fn, n: int, dtype: torch.dtype) -> None:
+    ``inner``: the operator ``fn`` belongs to; its ``cached_graph()`` block is entered with ours (so a
+    Hessian reuses its gradient graph exactly as when passed to the eigen function directly).
+    """
+
+    def __init__(self, fn, n: int, dtype: torch.dtype, inner: CurvatureOperator | None = None) -> None:
         super().__init__(n, dtype, torch.device("cpu"))
         self.fn = fn
+        self.inner = inner
         self.count = 0
+
+    def cached_graph(self):
+        return self.inner.cached_graph() if self.inner is not None else super().cached_graph()
 
     def _product(self, V: torch.Tensor) -> torch.Tensor:
         self.count += V.shape[-1]
@@ -86,8 +100,8 @@ def row(method: str, vals, ref, conv, matvecs: int, seconds: float, tol: float, 
     }
 
 
-def run_ours(op_fn, n, dtype, k, which, tol, seed, ref, label, **kw) -> dict:
-    op = Counted(op_fn, n, dtype)
+def run_ours(op_fn, n, dtype, k, which, tol, seed, ref, label, inner=None, **kw) -> dict:
+    op = Counted(op_fn, n, dtype, inner)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -96,7 +110,12 @@ def run_ours(op_fn, n, dtype, k, which, tol, seed, ref, label, **kw) -> dict:
     return row(label, res.eigenvalues.numpy(), ref, res.converged.numpy(), op.count, dt, tol, which)
 
 
-def run_eigsh(matvec_np, n, k, which, tol, seed, ref, sigma=None, A=None) -> dict:
+def torch_product(A: torch.Tensor):
+    """``x -> A x`` for scipy through the same torch product (and thread setting) as every other method."""
+    return lambda x: (A @ torch.from_numpy(x)).numpy()
+
+
+def run_eigsh(matvec_np, n, k, which, tol, seed, ref, sigma=None, A=None, inner=None) -> dict:
     count = [0]
 
     def mm(x: np.ndarray) -> np.ndarray:
@@ -107,7 +126,8 @@ def run_eigsh(matvec_np, n, k, which, tol, seed, ref, sigma=None, A=None) -> dic
     v0 = np.random.default_rng(seed).standard_normal(n)
     t0 = time.perf_counter()
     if sigma is None:
-        vals = sla.eigsh(op, k=k, which=which, tol=tol, v0=v0)[0]
+        with inner.cached_graph() if inner is not None else contextlib.nullcontext():
+            vals = sla.eigsh(op, k=k, which=which, tol=tol, v0=v0)[0]
         label = "scipy eigsh (ARPACK)"
     else:  # shift-invert needs the matrix: scipy factorises A - sigma I (LU), no matvec count
         vals = sla.eigsh(A, k=k, sigma=sigma, which="LM", tol=tol, v0=v0)[0]
@@ -181,15 +201,8 @@ def run_he_power(matvec_t, n, dtype, k, tol, seed, ref, operator=None, max_iter=
 # --------------------------------------------------------------------------------------------
 
 
-def part_hessian(args) -> dict:
-    torch.manual_seed(args.seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
-    ).double()
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(512, 8, generator=g, dtype=torch.float64)
-    y = torch.sin(x.sum(-1, keepdim=True)) + 0.1 * torch.randn(512, 1, generator=g, dtype=torch.float64)
-    loss = torch.nn.MSELoss()
+def hessian_rows(args, model, x, y, loss) -> tuple[list[dict], int, float]:
+    """Every method on the Hessian of ``loss(model(x), y)``: ours and scipy on our operator, peers on theirs."""
     H = HessianOperator(model, loss, x, y)
     n = H.n
     params = list(model.parameters())
@@ -208,23 +221,63 @@ def part_hessian(args) -> dict:
     t0 = time.perf_counter()
     dense = torch.autograd.functional.hessian(f, torch.cat([p.detach().reshape(-1) for p in params]))
     t_dense = time.perf_counter() - t0
-    ev = torch.linalg.eigvalsh(dense).numpy()
+    ev = torch.linalg.eigvalsh(0.5 * (dense + dense.T)).numpy()
     k, tol = args.k, args.tol
     ref = order(ev, "LM")[:k]
+    dt = torch.float64
+    for _ in range(3):  # warm-up (first-call allocations, autograd set-up) so no method pays for it
+        H.matmul(torch.randn(n, 4, dtype=dt)), H.matvec(torch.randn(n, dtype=dt))
     rows = [
-        run_ours(H.matmul, n, torch.float64, k, "LM", tol, args.seed, ref, "ours lanczos (block_size=1)"),
-        run_ours(H.matmul, n, torch.float64, k, "LM", tol, args.seed, ref, "ours lanczos (block_size=4)", block_size=4),
-        run_eigsh(lambda v: H.matmul(torch.from_numpy(v)).numpy(), n, k, "LM", tol, args.seed, ref),
+        run_ours(H.matmul, n, dt, k, "LM", tol, args.seed, ref, "ours lanczos (block_size=1)", inner=H),
+        run_ours(H.matmul, n, dt, k, "LM", tol, args.seed, ref, "ours lanczos (block_size=4)", inner=H, block_size=4),
+        run_eigsh(lambda v: H.matmul(torch.from_numpy(v)).numpy(), n, k, "LM", tol, args.seed, ref, inner=H),
     ]
     if he is not None:
         mk = lambda: he.HessianOperator(model, [(x, y)], he.supervised_loss(loss))  # noqa: E731
-        rows.append(run_he_lanczos(None, n, torch.float64, k, "LM", tol, args.seed, ref, operator=mk()))
-        rows.append(
-            run_he_power(None, n, torch.float64, k, tol, args.seed, ref, operator=mk(), max_iter=args.power_iter)
-        )
+        rows.append(run_he_lanczos(None, n, dt, k, "LM", tol, args.seed, ref, operator=mk()))
+        rows.append(run_he_power(None, n, dt, k, tol, args.seed, ref, operator=mk(), max_iter=args.power_iter))
+    return rows, n, t_dense
+
+
+def part_hessian(args) -> dict:
+    torch.manual_seed(args.seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+    ).double()
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(512, 8, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(-1, keepdim=True)) + 0.1 * torch.randn(512, 1, generator=g, dtype=torch.float64)
+    rows, n, t_dense = hessian_rows(args, model, x, y, torch.nn.MSELoss())
     return {
-        "problem": f"Hessian of an MLP 8-32-32-1 (tanh), MSE, 512 points, n = {n} parameters, float64, k = {k}, "
-        f"which = LM, tol = {tol:g}; dense reference (autograd.functional.hessian + eigvalsh): {t_dense:.1f} s",
+        "problem": f"Hessian of an MLP 8-32-32-1 (tanh), MSE, 512 points, n = {n} parameters, float64, "
+        f"k = {args.k}, which = LM, tol = {args.tol:g}; dense reference (autograd.functional.hessian + eigvalsh): "
+        f"{t_dense:.1f} s",
+        "rows": rows,
+    }
+
+
+def part_cnn(args) -> dict:
+    """A small CNN classifier on synthetic 10x10 images (3 classes, cross-entropy): conv, pooling, tanh."""
+    torch.manual_seed(args.seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 3),
+        torch.nn.Tanh(),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Conv2d(6, 8, 3),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 2 * 2, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 3),
+    ).double()
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(256, 1, 10, 10, generator=g, dtype=torch.float64)
+    y = (x[:, 0, :5].sum((-1, -2)) > 0).long() + (x[:, 0, 5:].sum((-1, -2)) > 0).long()  # 3 classes
+    rows, n, t_dense = hessian_rows(args, model, x, y, torch.nn.CrossEntropyLoss())
+    return {
+        "problem": f"Hessian of a CNN conv3x3(6)-tanh-avgpool-conv3x3(8)-tanh-linear(16)-tanh-linear(3), "
+        f"cross-entropy, 256 synthetic 10x10 images, n = {n} parameters, float64, k = {args.k}, which = LM, "
+        f"tol = {args.tol:g}; dense reference (autograd.functional.hessian + eigvalsh): {t_dense:.1f} s",
         "rows": rows,
     }
 
@@ -238,28 +291,48 @@ def rbf(n: int, seed: int, lengthscale: float = 1.0, noise: float = 1e-2, d: int
     return K
 
 
-def part_kernel(args) -> dict:
-    K = rbf(args.n, args.seed)
-    n, k, tol = args.n, args.k, args.tol
-    t0 = time.perf_counter()
-    ev = torch.linalg.eigvalsh(K).numpy()
-    t_dense = time.perf_counter() - t0
-    ref = order(ev, "LA")[:k]
+def kernel_rows(args, n: int) -> dict:
+    K = rbf(n, args.seed)
+    k, tol = args.k, args.tol
     Kn = K.numpy()
+    t0 = time.perf_counter()
+    if n <= args.dense_max_n:
+        ev = torch.linalg.eigvalsh(K).numpy()
+        how = "dense eigvalsh"
+    else:  # eigvalsh at n = 20000 takes far longer than every method below together
+        ev = sla.eigsh(Kn, k=k, which="LA", tol=0.0, ncv=4 * k, v0=np.random.default_rng(12345).standard_normal(n))[0]
+        how = "reference scipy eigsh(tol=0, ncv=4k), another start vector"
+    t_ref = time.perf_counter() - t0
+    ref = order(ev, "LA")[:k]
+    dt = torch.float64
     rows = [
-        run_ours(K.__matmul__, n, torch.float64, k, "LA", tol, args.seed, ref, "ours lanczos (block_size=1)"),
-        run_ours(
-            K.__matmul__, n, torch.float64, k, "LA", tol, args.seed, ref, "ours lanczos (block_size=4)", block_size=4
-        ),
-        run_eigsh(Kn.__matmul__, n, k, "LA", tol, args.seed, ref),
-        run_he_lanczos(K.__matmul__, n, torch.float64, k, "LA", tol, args.seed, ref),
-        run_he_power(K.__matmul__, n, torch.float64, k, tol, args.seed, ref, max_iter=args.power_iter, which="LA"),
+        run_ours(K.__matmul__, n, dt, k, "LA", tol, args.seed, ref, "ours lanczos (block_size=1)"),
+        run_ours(K.__matmul__, n, dt, k, "LA", tol, args.seed, ref, "ours lanczos (block_size=4)", block_size=4),
+        run_eigsh(torch_product(K), n, k, "LA", tol, args.seed, ref),
+        run_he_lanczos(K.__matmul__, n, dt, k, "LA", tol, args.seed, ref),
     ]
+    if n <= args.power_max_n:
+        rows.append(run_he_power(K.__matmul__, n, dt, k, tol, args.seed, ref, max_iter=args.power_iter, which="LA"))
+    else:
+        rows.append(
+            {
+                "method": "hessian-eigenthings deflated_power_iteration",
+                "note": f"not run at n > --power-max-n {args.power_max_n} (thousands of products)",
+            }
+        )
     return {
         "problem": f"RBF kernel K + 0.01 I, n = {n}, 3-d Gaussian inputs, lengthscale 1, float64, k = {k}, "
-        f"which = LA, tol = {tol:g}; dense eigvalsh: {t_dense:.1f} s",
+        f"which = LA, tol = {tol:g}; {how}: {t_ref:.1f} s",
         "rows": rows,
     }
+
+
+def part_kernel(args) -> dict:
+    return kernel_rows(args, args.n)
+
+
+def part_kernel_large(args) -> dict:
+    return kernel_rows(args, args.large_n)
 
 
 def part_multiplicity(args) -> dict:
@@ -286,7 +359,7 @@ def part_multiplicity(args) -> dict:
         ),
         run_ours(A.__matmul__, n, torch.float64, 4, "LA", tol, args.seed, ref, "ours (block_size=1, deflated check)"),
         run_ours(A.__matmul__, n, torch.float64, 4, "LA", tol, args.seed, ref, "ours (block_size=4)", block_size=4),
-        run_eigsh(A.numpy().__matmul__, n, 4, "LA", tol, args.seed, ref),
+        run_eigsh(torch_product(A), n, 4, "LA", tol, args.seed, ref),
         run_he_lanczos(A.__matmul__, n, torch.float64, 4, "LA", tol, args.seed, ref),
     ]
     return {
@@ -316,7 +389,7 @@ def part_shift(args) -> dict:
         r = row(label, res.eigenvalues.numpy(), ref, res.converged.numpy(), res.diagnostics.num_matvecs, dt, tol, "SA")
         r["outer_iterations"] = int(res.iterations)
         rows.append(r)
-    rows.append(run_eigsh(A.numpy().__matmul__, n, k, "SA", tol, args.seed, ref))
+    rows.append(run_eigsh(torch_product(A), n, k, "SA", tol, args.seed, ref))
     rows.append(run_eigsh(None, n, k, "SA", tol, args.seed, ref, sigma=0.0, A=A.numpy()))
     return {
         "problem": f"1-d RBF kernel (lengthscale 0.2) + diag(linspace(0.01, 1, n)), n = {n}, float64, k = {k} "
@@ -405,10 +478,13 @@ def main() -> None:
     p.add_argument(
         "--parts",
         nargs="+",
-        default=["hessian", "kernel", "multiplicity", "shift"],
-        choices=["hessian", "kernel", "multiplicity", "shift", "memory"],
+        default=["hessian", "cnn", "kernel", "kernel_large", "multiplicity", "shift"],
+        choices=["hessian", "cnn", "kernel", "kernel_large", "multiplicity", "shift", "memory"],
     )
     p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--large-n", type=int, default=20000, help="n of the part kernel_large")
+    p.add_argument("--dense-max-n", type=int, default=8000, help="largest n with a dense eigvalsh reference")
+    p.add_argument("--power-max-n", type=int, default=5000, help="largest n for hessian-eigenthings power iteration")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--tol", type=float, default=1e-8)
     p.add_argument("--seed", type=int, default=0)
@@ -425,7 +501,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     parts = {
         "hessian": part_hessian,
+        "cnn": part_cnn,
         "kernel": part_kernel,
+        "kernel_large": part_kernel_large,
         "multiplicity": part_multiplicity,
         "shift": part_shift,
         "memory": part_memory,

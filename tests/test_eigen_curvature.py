@@ -162,6 +162,80 @@ def test_products_are_batched_over_the_block():
     assert torch.allclose(HV, ref @ V, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda H: lanczos(H, k=3, tol=1e-10, seed=0),
+        lambda H: deflated_power_iteration(H, k=2, tol=1e-6, max_iter=200, seed=0),
+        lambda H: spectral_density(H, num_probes=2, num_iters=10, seed=0),
+        lambda H: trace(H, num_matvecs=6, seed=0),
+        lambda H: extreme_eigenvalues(H, tol=1e-6, seed=0),
+    ],
+    ids=["lanczos", "power", "density", "trace", "extreme"],
+)
+def test_every_eigen_function_builds_the_gradient_graph_once(run):
+    """One forward pass per call (the cached gradient graph), the same result as rebuilding it per product."""
+    model, x, y = mlp(torch.float64, seed=5)
+    counted = _Counting(model)
+    H = HessianOperator(counted, torch.nn.MSELoss(), x, y)
+    out = run(H)
+    assert counted.calls == 1
+    assert H._cached is None  # freed when the call ends
+    V = torch.randn(38, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    H.matmul(V), H.matmul(V)
+    assert counted.calls == 3  # outside an eigen call every product builds its own graph
+    if isinstance(out, torch.Tensor) or not hasattr(out, "eigenvalues"):
+        return
+    ref = torch.linalg.eigvalsh(dense_hessian(model, x, y, torch.nn.MSELoss()))
+    got = out.eigenvalues
+    assert torch.isclose(got[0].abs(), ref.abs().max(), rtol=1e-5)
+
+
+def test_cached_graph_is_rebuilt_when_the_model_changes_in_place():
+    model, x, y = mlp(torch.float64, seed=6)
+    counted = _Counting(model)
+    loss = torch.nn.MSELoss()
+    H = HessianOperator(counted, loss, x, y)
+    V = torch.randn(38, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with H.cached_graph():
+        first = H.matmul(V)
+        again = H.matmul(V)
+        assert counted.calls == 1
+        with torch.no_grad():
+            model[0].weight.mul_(1.5)  # an optimizer step: in place, version counter bumps
+        after_step = H.matmul(V)
+        assert counted.calls == 2
+        x.mul_(0.5)  # the data changed in place
+        after_data = H.matmul(V)
+        assert counted.calls == 3
+        counted.train(not counted.training)
+        H.matmul(V)
+        assert counted.calls == 4
+    assert torch.equal(first, again)
+    assert torch.allclose(after_step, dense_hessian(model, x * 2, y, loss) @ V, atol=1e-12)
+    assert torch.allclose(after_data, dense_hessian(model, x, y, loss) @ V, atol=1e-12)
+
+
+def test_lanczos_counts_every_operator_product():
+    """``num_matvecs`` is the number of vectors the operator was applied to, with no hidden extra product."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64, generator=g))
+    A = (Q * torch.linspace(0.1, 10.0, 300, dtype=torch.float64)) @ Q.T
+    A = 0.5 * (A + A.T)
+    count = [0]
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        count[0] += 1
+        return A @ v
+
+    res = lanczos((mv, 300, torch.float64, "cpu"), k=4, which="LA", tol=1e-10, seed=0)
+    assert res.diagnostics.num_matvecs == count[0]
+    ref = torch.linalg.eigvalsh(A).flip(0)[:4]
+    assert torch.allclose(res.eigenvalues, ref, rtol=1e-10)
+    true = torch.linalg.vector_norm(A @ res.eigenvectors.T - res.eigenvectors.T * res.eigenvalues, dim=0)
+    assert torch.allclose(res.residuals, true, atol=1e-12)  # the stored-product residuals are the true ones
+
+
 def test_hessian_eigenthings_operator_interface_is_accepted():
     he = pytest.importorskip("hessian_eigenthings")
     model, x, y = mlp(torch.float64, seed=4)

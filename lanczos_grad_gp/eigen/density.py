@@ -28,12 +28,13 @@ from torch import Tensor
 
 from ..core.lanczos import lanczos_tridiag
 from ..core.quadrature import ritz_decomposition
-from .inputs import prepare_operator, rademacher, resolve_generator
+from .inputs import holds_operator_fixed, prepare_operator, rademacher, resolve_generator
 from .result import SpectralDensity
 
 __all__ = ["spectral_density"]
 
 
+@holds_operator_fixed
 def spectral_density(
     operator: object,
     *,

@@ -29,7 +29,7 @@ from ..core.quadrature import ritz_decomposition
 from ..diagnostics import warn_not_converged
 from .basis import project_out
 from .block import residual_floor
-from .inputs import check_tol, prepare_operator, randn, resolve_generator
+from .inputs import check_tol, holds_operator_fixed, prepare_operator, randn, resolve_generator
 from .result import ConditionNumber, ExtremeEigenvalues
 
 __all__ = ["extreme_eigenvalues", "condition_number"]
@@ -55,6 +55,7 @@ def _ends(res: LanczosResult) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return theta[..., 0], theta[..., 1], S2, est
 
 
+@holds_operator_fixed
 def extreme_eigenvalues(
     operator: object,
     *,

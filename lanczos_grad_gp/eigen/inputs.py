@@ -9,9 +9,11 @@ stays on the operator's device and dtype, except half precision, which runs in f
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator, to_linear_operator
@@ -23,7 +25,15 @@ from ..core.probes import rademacher, randn, resolve_generator
 from .curvature.base import CurvatureOperator
 from .lazy import row_block_kernel
 
-__all__ = ["PreparedOperator", "prepare_operator", "resolve_generator", "randn", "rademacher", "check_k"]
+__all__ = [
+    "PreparedOperator",
+    "prepare_operator",
+    "holds_operator_fixed",
+    "resolve_generator",
+    "randn",
+    "rademacher",
+    "check_k",
+]
 
 MatmulFn = Callable[[Tensor], Tensor]
 
@@ -166,6 +176,27 @@ def _prepare_linear_operator(operator: LinearOperator, name: str, checked: bool)
             return products(X) if products is not None else operator_matmul(op, X)
 
     return PreparedOperator(matmul, op.shape[-1], op.dtype, op.device, op.batch_shape, op)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def holds_operator_fixed(fn: F) -> F:
+    """Decorator: a :class:`CurvatureOperator` ``operator`` is held in its ``cached_graph()`` for the call.
+
+    An eigen function's products all see one fixed operator, so a Hessian operator reuses one
+    gradient graph instead of rebuilding it per product.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        operator = args[0] if args else kwargs.get("operator")
+        if isinstance(operator, CurvatureOperator):
+            with operator.cached_graph():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def prepare_operator(operator: object, name: str = "operator") -> PreparedOperator:

@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from .grad import differentiable_eigenvalues
-from .inputs import check_k, check_tol, prepare_operator, randn, resolve_generator
+from .inputs import check_k, check_tol, holds_operator_fixed, prepare_operator, randn, resolve_generator
 from .result import EigenResult
 
 __all__ = ["deflated_power_iteration"]
 
 
+@holds_operator_fixed
 def deflated_power_iteration(
     operator: object,
     *,

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .inputs import prepare_operator, rademacher, resolve_generator
+from .inputs import holds_operator_fixed, prepare_operator, rademacher, resolve_generator
 from .result import TraceResult
 
 __all__ = ["trace"]
@@ -33,6 +33,7 @@ def _mean_se(vals: Tensor) -> tuple[Tensor, Tensor]:
     return mean, vals.std(-1, correction=1) / vals.shape[-1] ** 0.5
 
 
+@holds_operator_fixed
 def trace(
     operator: object,
     *,

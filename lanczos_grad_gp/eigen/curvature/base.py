@@ -10,6 +10,8 @@ hessian-eigenthings' interface (``size``, ``matvec``, ``dtype``, ``device``).
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -47,6 +49,16 @@ class CurvatureOperator(abc.ABC):
     @abc.abstractmethod
     def _product(self, V: Tensor) -> Tensor:
         """``A V`` for ``V`` of shape ``(n, c)``; returns ``(n, c)`` in ``self.dtype``."""
+
+    @contextlib.contextmanager
+    def cached_graph(self) -> Iterator[None]:
+        """A block in which the operator is fixed, so products may share work (here: nothing to share).
+
+        Every eigen function enters it for the length of its call; :class:`.HessianOperator` reuses
+        one gradient graph inside it. Modifying the model inside the block is detected where the
+        operator caches (in-place version counters) but is best avoided.
+        """
+        yield
 
     def matmul(self, V: Tensor) -> Tensor:
         """``A V`` for ``V`` of shape ``(n,)`` or ``(n, c)`` (detached result of the same shape)."""

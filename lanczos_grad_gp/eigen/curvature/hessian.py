@@ -8,6 +8,13 @@ r"""``HessianOperator``: the Hessian ``H = ∇²_θ L(θ)`` of a model's loss as
   ``H v = ∇_θ (g^T v)`` for all ``c`` columns in ONE vectorised call
   ``torch.autograd.grad(g, θ, grad_outputs=V, is_grads_batched=True)`` (a loop over the columns
   where an op of the model has no batching rule). Works with any module autograd works with.
+  For one fixed batch (the constructor, not :meth:`HessianOperator.from_loader`), inside
+  :meth:`~.base.CurvatureOperator.cached_graph` — which every eigen function enters for the length
+  of its call — the gradient and its graph are built once and reused by every product: a product is
+  then one double-backward pass instead of forward + backward + double backward. The graph (the
+  activations of one forward pass) is freed when the block ends, and rebuilt inside it if a
+  parameter, buffer or data tensor is modified in place (autograd version counters) or the model
+  switches train/eval mode. Outside the block every product builds its own graph.
 * ``method="func"``: torch.func, ``H v = vjp(grad(L), θ)(v)`` (reverse-over-reverse; ``H`` is
   symmetric), the pullback built once per batch and ``vmap``-ed over the columns (needs a model
   ``torch.func.functional_call`` can run).
@@ -31,7 +38,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -71,6 +79,8 @@ class HessianOperator(AveragedCurvature):
         method: HvpMethod = "autograd",
     ) -> None:
         self._init(model, loss_fn, [(inputs, targets)], params=params, method=method, num_batches=None)
+        self._cacheable = method == "autograd"
+        self._data = [*_tensors(inputs), *_tensors(targets)]  # the caller's tensors (their versions key the cache)
 
     def _init(
         self,
@@ -85,6 +95,10 @@ class HessianOperator(AveragedCurvature):
         if method not in ("autograd", "func"):
             raise ValueError(f"method must be 'autograd' or 'func'; got {method!r}.")
         self.method = method
+        self._cacheable = False  # one fixed batch and double backward only (set by __init__)
+        self._caching = 0  # depth of open cached_graph() blocks
+        self._data: list[Tensor] = []
+        self._cached: tuple[tuple[object, ...], list[int], list[Tensor]] | None = None
         super().__init__(model, loss_fn, batches, params=params, num_batches=num_batches, needs_names=method == "func")
 
     @classmethod
@@ -112,25 +126,61 @@ class HessianOperator(AveragedCurvature):
             return self._hvp_func(inputs, targets, vs)
         return self._hvp_autograd(inputs, targets, vs)
 
+    @contextlib.contextmanager
+    def cached_graph(self) -> Iterator[None]:
+        """Reuse one gradient graph for the products inside the block (module docstring)."""
+        self._caching += 1
+        try:
+            yield
+        finally:
+            self._caching -= 1
+            if not self._caching:
+                self._cached = None
+
+    def _graph_key(self) -> tuple[object, ...]:
+        """What the cached graph depends on: parameters and data (in-place versions) and the mode.
+
+        The tensors are the caller's own, referenced by the operator, so their ids stay unique.
+        """
+        tensors = (*self.params, *self.model.buffers(), *self._data)
+        return (self.model.training, *((id(t), t._version) for t in tensors))
+
+    def _gradient_graph(self, inputs: Any, targets: Any) -> tuple[list[int], list[Tensor]]:
+        """``(live, g)``: the parameters the loss depends on and ``g = ∇ L`` for them, with its graph."""
+        key = self._graph_key() if self._cacheable and self._caching else None
+        if key is not None and self._cached is not None and self._cached[0] == key:
+            return self._cached[1], self._cached[2]
+        self._cached = None  # free an outdated graph before building the next one
+        loss = self.loss_fn(call_model(self.model, inputs), targets)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]  # others: zero rows of H
+        gs = [grads[i] for i in live]
+        if key is not None:
+            self._cached = (key, live, gs)
+        return live, gs
+
     def _hvp_autograd(self, inputs: Any, targets: Any, vs: Sequence[Tensor]) -> list[Tensor | None]:
         c = vs[0].shape[0]
+        out: list[Tensor | None] = [None] * len(self.params)
         with torch.enable_grad():
-            loss = self.loss_fn(call_model(self.model, inputs), targets)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]  # others: zero rows of H
-            out: list[Tensor | None] = [None] * len(self.params)
+            live, gs = self._gradient_graph(inputs, targets)
             if not live:
                 return out
-            gs = [grads[i] for i in live]
             ps = [self.params[i] for i in live]
+            keep = self._cached is not None  # the cached graph must survive these products
             try:
                 hv = torch.autograd.grad(
-                    gs, ps, grad_outputs=[vs[i] for i in live], is_grads_batched=True, allow_unused=True
+                    gs,
+                    ps,
+                    grad_outputs=[vs[i] for i in live],
+                    is_grads_batched=True,
+                    allow_unused=True,
+                    retain_graph=True,  # the column loop below may still need it
                 )
             except RuntimeError:  # an op without a batching rule: one double-backward per column
                 cols = [
                     torch.autograd.grad(
-                        gs, ps, grad_outputs=[vs[i][j] for i in live], retain_graph=j + 1 < c, allow_unused=True
+                        gs, ps, grad_outputs=[vs[i][j] for i in live], retain_graph=keep or j + 1 < c, allow_unused=True
                     )
                     for j in range(c)
                 ]
@@ -154,3 +204,12 @@ class HessianOperator(AveragedCurvature):
         # backward pass, then the double-backward vmap-ed over the columns
         _, vjp_fn = torch.func.vjp(grad, *primals)
         return list(torch.func.vmap(lambda *v: vjp_fn(v))(*vs))
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    """The tensors of ``x`` (a tensor, or a nested tuple/list; other leaves are ignored)."""
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in _tensors(item)]
+    return []

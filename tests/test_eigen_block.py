@@ -195,7 +195,7 @@ def test_block_size_is_the_width_of_each_operator_call():
     op = _CountingOperator(four_tens())
     res = lanczos(op, k=4, which="LA", block_size=4, tol=1e-8, seed=0)
     assert torch.allclose(res.eigenvalues, torch.full((4,), 10.0, dtype=torch.float64), rtol=1e-8)
-    assert max(op.widths) == 4 and op.widths.count(4) >= len(op.widths) - 3  # the final residual call has k = 4
+    assert max(op.widths) == 4 and op.widths.count(4) >= len(op.widths) - 2  # a cycle's last block may be narrower
     assert sum(op.widths) == res.diagnostics.num_matvecs
 
 

@@ -216,6 +216,95 @@ def test_cached_graph_is_rebuilt_when_the_model_changes_in_place():
     assert torch.allclose(after_data, dense_hessian(model, x, y, loss) @ V, atol=1e-12)
 
 
+def test_cached_graph_sees_replaced_parameters_other_layers_and_submodule_modes():
+    """Changes that are not in-place writes to ``params``: storage replaced, other layers, a submodule's mode."""
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(6, 2)
+    ).double()
+    model.eval()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    loss = torch.nn.MSELoss()
+    last = list(model[3].parameters())
+    H = HessianOperator(model, loss, x, y, params=last)  # the Hessian block of the last layer
+    V = torch.randn(14, 2, dtype=torch.float64, generator=g)
+
+    def fresh() -> torch.Tensor:
+        return HessianOperator(model, loss, x, y, params=last, cache_graph=False).matmul(V)
+
+    with H.cached_graph():
+        H.matmul(V)
+        with torch.no_grad():
+            model[0].weight.mul_(2.0)  # a layer outside params=
+        assert torch.allclose(H.matmul(V), fresh(), atol=1e-13)
+        vec = torch.nn.utils.parameters_to_vector(model.parameters())
+        torch.nn.utils.vector_to_parameters(1.5 * vec, model.parameters())  # assigns .data: new storage
+        assert torch.allclose(H.matmul(V), fresh(), atol=1e-13)
+        model[2].train()  # a submodule's mode (dropout on): the operator is random now, but never stale
+        assert H._cached is not None and H._graph_state()[0] != H._cached[0]
+
+
+def test_every_eigen_call_starts_from_a_fresh_graph():
+    model, x, y = mlp(torch.float64, seed=8)
+    loss = torch.nn.MSELoss()
+    H = HessianOperator(model, loss, x, y)
+    with H.cached_graph():
+        first = lanczos(H, k=1, tol=1e-10, seed=0).eigenvalues
+        model[0].weight.data.mul_(1.5)  # invisible to version counters; a new eigen call still sees it
+        second = lanczos(H, k=1, tol=1e-10, seed=0).eigenvalues
+    ref = torch.linalg.eigvalsh(dense_hessian(model, x, y, loss))
+    assert not torch.isclose(first, second)
+    assert torch.isclose(second[0].abs(), ref.abs().max(), rtol=1e-9)
+
+
+def test_batch_norm_in_train_mode_still_builds_one_graph_per_call():
+    torch.manual_seed(9)
+    inner = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    counted = _Counting(inner.double())
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(40, 1, generator=g, dtype=torch.float64)
+    H = HessianOperator(counted, torch.nn.MSELoss(), x, y)
+    res = lanczos(H, k=2, tol=1e-8, seed=0)
+    assert counted.calls == 1  # the running statistics the forward updated belong to the cached graph
+    with torch.no_grad():
+        dense = HessianOperator(counted, torch.nn.MSELoss(), x, y, cache_graph=False).to_dense()
+    # train-mode BatchNorm normalises with batch statistics: the Hessian does not depend on running stats
+    ref = torch.linalg.eigvalsh(0.5 * (dense + dense.T))
+    assert torch.allclose(res.eigenvalues.abs(), ref.abs().sort(descending=True).values[:2], rtol=1e-7)
+
+
+def test_half_precision_and_long_runs_pay_for_true_residuals():
+    """Where the stored products are not the operator's at working precision, or rounding over many restarts
+    could reach the tolerance, the residuals cost one final product per pair and are the true ones."""
+    g = torch.Generator().manual_seed(10)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64, generator=g))
+    spec = torch.cat([torch.tensor([10.0, 9.99, 9.98, 9.97]), (torch.rand(296, generator=g) * 2 - 1) * 9.96])
+    A = ((Q * spec.double()) @ Q.T).float()
+    A = 0.5 * (A + A.T)
+    count = [0]
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        count[0] += 1
+        return A @ v
+
+    with pytest.warns(Warning):
+        res = lanczos((mv, 300, torch.float32, "cpu"), k=4, which="LA", ncv=8, max_iter=6000, tol=1e-7, verify=False)
+    Y = res.eigenvectors.mT
+    true = torch.linalg.vector_norm((A.double() @ Y.double()) - Y.double() * res.eigenvalues.double(), dim=0)
+    eps_a = torch.finfo(torch.float32).eps * 10.0
+    assert res.diagnostics.num_matvecs == count[0]
+    assert torch.allclose(res.residuals.double(), true, atol=5 * eps_a)
+    A16 = A.half()
+    with pytest.warns(Warning, match="float32"):
+        half = lanczos((lambda v: (A16.float() @ v.float()).half(), 300, torch.float16, "cpu"), k=3, which="LA", seed=0)
+    Y = half.eigenvectors.mT
+    via_op = torch.linalg.vector_norm((A16.float() @ Y.half().float()).half().float() - Y * half.eigenvalues, dim=0)
+    assert torch.allclose(half.residuals, via_op, rtol=1e-3, atol=1e-6)  # the operator's rounding shows
+
+
 def test_lanczos_counts_every_operator_product():
     """``num_matvecs`` is the number of vectors the operator was applied to, with no hidden extra product."""
     g = torch.Generator().manual_seed(3)

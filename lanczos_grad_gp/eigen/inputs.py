@@ -47,6 +47,8 @@ class PreparedOperator:
         n, dtype, device, batch_shape: as the operator.
         linear_op: the LinearOperator (dense tensors wrapped) whose ``representation()`` carries
             gradients; ``None`` for matvec callables.
+        promoted: the operator computes in half precision and its products are promoted to ``dtype``
+            (each product rounds its input vectors).
     """
 
     matmul: MatmulFn
@@ -55,6 +57,7 @@ class PreparedOperator:
     device: torch.device
     batch_shape: torch.Size
     linear_op: LinearOperator | None
+    promoted: bool = False
 
 
 def symmetry_rtol(dtype: torch.dtype) -> float:
@@ -219,13 +222,21 @@ def prepare_operator(operator: object, name: str = "operator") -> PreparedOperat
         n, in_dtype = operator.n, operator.dtype
         dtype = _promoted(in_dtype, name)
         return PreparedOperator(
-            _block_closure(operator.matmul, n, in_dtype), n, dtype, operator.device, torch.Size(), None
+            _block_closure(operator.matmul, n, in_dtype),
+            n,
+            dtype,
+            operator.device,
+            torch.Size(),
+            None,
+            dtype != in_dtype,
         )
     if _is_eigenthings_operator(operator):
         n, in_dtype = int(operator.size), operator.dtype  # type: ignore[attr-defined]
         dtype = _promoted(in_dtype, name)
         fn, device = operator.matvec, torch.device(operator.device)  # type: ignore[attr-defined]
-        return PreparedOperator(_matvec_closure(fn, n, in_dtype), n, dtype, device, torch.Size(), None)
+        return PreparedOperator(
+            _matvec_closure(fn, n, in_dtype), n, dtype, device, torch.Size(), None, dtype != in_dtype
+        )
     if isinstance(operator, tuple) and len(operator) in (2, 4) and callable(operator[0]):
         fn, n = operator[0], operator[1]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -235,7 +246,9 @@ def prepare_operator(operator: object, name: str = "operator") -> PreparedOperat
         if not isinstance(in_dtype, torch.dtype) or not in_dtype.is_floating_point:
             raise ValueError(f"dtype of a (matvec, n, dtype, device) operator must be floating; got {in_dtype!r}.")
         dtype = _promoted(in_dtype, name)
-        return PreparedOperator(_matvec_closure(fn, n, in_dtype), n, dtype, device, torch.Size(), None)
+        return PreparedOperator(
+            _matvec_closure(fn, n, in_dtype), n, dtype, device, torch.Size(), None, dtype != in_dtype
+        )
     raise TypeError(
         f"{name} must be a LinearOperator, a dense (*batch, n, n) tensor, a CurvatureOperator, an object with "
         f"size/matvec/dtype/device, or a tuple (matvec, n[, dtype, device]); got {type(operator).__name__}."

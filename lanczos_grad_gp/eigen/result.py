@@ -23,8 +23,9 @@ class LanczosDiagnostics:
     Attributes:
         block_size: ``b``, the columns of each Lanczos block.
         num_matvecs: every product with the operator ``A`` (vectors): iteration, deflated checks,
-            repairs, and for shift-invert the inner solves and the final Rayleigh–Ritz product. (Plain
-            mode needs no final product: residuals come from the stored products ``A Q``.)
+            repairs, the final residual product where one is spent (always for shift-invert, which
+            also counts its inner solves; in plain mode only where the stored products ``A Q`` are
+            not trusted, see ``EigenResult.residuals``).
         verified: ``(*b)`` all pairs converged and the deflated check (:mod:`~lanczos_grad_gp.eigen.verify`)
             found no eigenvalue beyond them in their orthogonal complement (False where no check ran).
         checks: deflated checks run; repairs: restarts from a check's findings.
@@ -52,16 +53,16 @@ class EigenResult:
             decreasing, ``"SA"``: increasing; with ``sigma``: increasing ``|λ − σ|``). Differentiable
             w.r.t. the operator's tensors (``∂λ_i = y_i^T ∂A y_i``).
         eigenvectors: ``(*b, k, n)`` orthonormal rows ``y_i`` (detached).
-        residuals: ``(*b, k)`` TRUE residuals ``‖A y_i − λ_i y_i‖`` against the original operator
-            (for :func:`~lanczos_grad_gp.eigen.lanczos` from the stored products ``A y_i = (A Q) z_i``:
-            exact up to the rounding of the restarts' recombinations).
+        residuals: ``(*b, k)`` TRUE residuals ``‖A y_i − λ_i y_i‖`` against the original operator (for
+            :func:`~lanczos_grad_gp.eigen.lanczos` from the stored products ``A y_i = (A Q) z_i`` when
+            their recombination rounding, ``√ncv ε ‖A‖`` per restart, stays below a tenth of the
+            tolerance and the operator works at the working precision; else from a final product).
         iterations: ``(*b)`` int64, operator applications (vectors: Lanczos block columns including
             the deflated checks / power iterations) used; for shift-invert applications of
             ``(A − σI)^{-1}``. ``int(result.iterations)`` for an unbatched operator.
         converged: ``(*b, k)`` whether the algorithm's stopping test passed for each pair (for
             :func:`~lanczos_grad_gp.eigen.lanczos`: the TRUE residual is
-            ``≤ 10·tol·max(|λ|, ε^{2/3}‖A‖) + (100 + d) ε ‖A‖`` AND the deflated check supports the
-            pair; ``d = √ncv · (1 + restarts)`` bounds the recombination rounding).
+            ``≤ 10·tol·max(|λ|, ε^{2/3}‖A‖) + 100 ε ‖A‖`` AND the deflated check supports the pair).
         diagnostics: :class:`LanczosDiagnostics` (``None`` for power iteration).
     """
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..diagnostics import warn_not_converged
-from .block import KrylovOptions, block_krylov, compute_dtype
+from .block import KrylovOptions, KrylovOutcome, block_krylov, compute_dtype
 from .grad import differentiable_eigenvalues
 from .inputs import PreparedOperator, check_k, check_tol, holds_operator_fixed, prepare_operator, resolve_generator
 from .result import EigenResult, LanczosDiagnostics
@@ -109,6 +109,26 @@ def _final_pairs(op: PreparedOperator, V: Tensor, sigma: float) -> tuple[Tensor,
     values = theta.to(op.dtype)
     residuals = torch.linalg.vector_norm(AY - Y * values.unsqueeze(-2), dim=-2)
     return values, Y, residuals
+
+
+def _stored_products_trusted(
+    op: PreparedOperator, opts: KrylovOptions, outcome: KrylovOutcome, values: Tensor, anorm: Tensor, tol: float
+) -> bool:
+    """Whether the stored products ``A Y = (A Q) Z`` give the true residuals to well within ``tol``.
+
+    ``A Y`` is recombined from products the operator returned, with the coefficients of ``Y``; each
+    restart adds a rounding error of about ``√ncv ε ‖A‖``. Trusted when that bound, over an upper
+    bound of the restarts, is below a tenth of every pair's tolerance, and the products are the
+    operator's at the working precision (a half-precision operator rounds its input, so its stored
+    products are ``A fl(q)``, not ``A q``). Otherwise the residuals cost one final product per pair.
+    """
+    if op.promoted:
+        return False
+    eps = torch.finfo(op.dtype).eps
+    restarts = 1 + outcome.matvecs // max(1, opts.ncv - opts.keep)
+    drift = (opts.ncv**0.5) * restarts * eps * anorm  # (*b,)
+    scale = torch.maximum(values.abs(), eps ** (2.0 / 3.0) * anorm.unsqueeze(-1))  # (*b, k)
+    return bool((drift.unsqueeze(-1) <= 0.1 * tol * scale).all())
 
 
 @holds_operator_fixed
@@ -203,21 +223,23 @@ def lanczos(
             matmul, shape, opts, outcome, steps=steps, budget=max(0, opts.max_matvecs - outcome.matvecs), gen=gen
         )
         outcome = checked.outcome
-    drift = 0.0
+    final_products = 0
     if solver is None:
         values, vecs = outcome.values.to(op.dtype), outcome.vectors
-        # residuals from the stored products AY = (AQ) Z: no extra matmul. They differ from A y only by
-        # the rounding of the restarts' recombinations (AQ ← AQ Z R⁻¹, one ~√ncv ε‖A‖ per restart).
-        residuals = torch.linalg.vector_norm(outcome.products - vecs * values.unsqueeze(-2), dim=-2)
         anorm = torch.maximum(values.abs().amax(-1), outcome.anorm.to(op.dtype))
-        drift = (opts.ncv**0.5) * (1 + outcome.matvecs // max(1, opts.ncv - opts.keep))
+        products = outcome.products
+        if not _stored_products_trusted(op, opts, outcome, values, anorm, tol):
+            products = op.matmul(vecs)  # TRUE residuals: one product per pair
+            final_products = k
+        residuals = torch.linalg.vector_norm(products - vecs * values.unsqueeze(-2), dim=-2)
     else:  # the products S y are one inverse-iteration step better than y (module shift_invert)
         values, vecs, residuals = _final_pairs(op, outcome.products, float(sigma))  # type: ignore[arg-type]
         anorm = torch.clamp_min(values.abs().amax(-1), abs(float(sigma)))  # type: ignore[arg-type]
-    # the final test allows 10x the requested tolerance plus a rounding floor of ~100 eps ||A|| and the
-    # restarts' drift bound
+        final_products = k
+    # the final test allows 10x the requested tolerance plus a rounding floor of ~100 eps ||A||; with the
+    # stored products it restates the iteration's own test, with a final product it checks it
     scale = torch.maximum(values.abs(), eps ** (2.0 / 3.0) * anorm.unsqueeze(-1))
-    conv = outcome.converged & (residuals <= 10 * tol * scale + (100 + drift) * eps * anorm.unsqueeze(-1))
+    conv = outcome.converged & (residuals <= 10 * tol * scale + 100 * eps * anorm.unsqueeze(-1))
     if checked is not None:
         conv = conv & checked.supported
     if not bool(conv.all()):
@@ -229,7 +251,7 @@ def lanczos(
     extra = checked.matvecs if checked is not None else 0
     diag = LanczosDiagnostics(
         block_size=b,
-        num_matvecs=solver.matvecs + k if solver is not None else main_matvecs + extra,
+        num_matvecs=(solver.matvecs if solver is not None else main_matvecs + extra) + final_products,
         verified=checked.verified
         if checked is not None
         else torch.zeros(op.batch_shape, dtype=torch.bool, device=op.device),

@@ -11,10 +11,14 @@ r"""``HessianOperator``: the Hessian ``H = ∇²_θ L(θ)`` of a model's loss as
   For one fixed batch (the constructor, not :meth:`HessianOperator.from_loader`), inside
   :meth:`~.base.CurvatureOperator.cached_graph` — which every eigen function enters for the length
   of its call — the gradient and its graph are built once and reused by every product: a product is
-  then one double-backward pass instead of forward + backward + double backward. The graph (the
-  activations of one forward pass) is freed when the block ends, and rebuilt inside it if a
-  parameter, buffer or data tensor is modified in place (autograd version counters) or the model
-  switches train/eval mode. Outside the block every product builds its own graph.
+  then one double-backward pass instead of forward + backward + double backward. Each block starts
+  from a fresh graph and frees it (the activations of one forward pass) when it ends, so every eigen
+  call sees the model as it is when the call starts. Inside a block the graph is rebuilt when a
+  parameter or buffer of the model (or of ``loss_fn``), or a data tensor, is replaced or modified in
+  place (identity, storage, autograd version counter), or a submodule switches train/eval mode;
+  writes through ``.data`` or NumPy views are invisible to it, so do not change the model that way
+  inside your own ``with H.cached_graph():`` block. Outside a block every product builds its own
+  graph; ``cache_graph=False`` makes that the rule.
 * ``method="func"``: torch.func, ``H v = vjp(grad(L), θ)(v)`` (reverse-over-reverse; ``H`` is
   symmetric), the pullback built once per batch and ``vmap``-ed over the columns (needs a model
   ``torch.func.functional_call`` can run).
@@ -64,6 +68,9 @@ class HessianOperator(AveragedCurvature):
         params: the parameters (a subset is a diagonal block of the Hessian); default: all that
             require grad. ``n`` is their total number of entries, in this order.
         method: ``"autograd"`` or ``"func"``.
+        cache_graph: inside :meth:`cached_graph` (every eigen call), build the gradient graph once
+            and reuse it for every product (``method="autograd"``; module docstring). ``False``: one
+            graph per product (less memory held during the call).
 
     Use :meth:`from_loader` for a data loader (the average over its batches).
     """
@@ -77,9 +84,12 @@ class HessianOperator(AveragedCurvature):
         *,
         params: Iterable[Tensor] | None = None,
         method: HvpMethod = "autograd",
+        cache_graph: bool = True,
     ) -> None:
+        if not isinstance(cache_graph, bool):
+            raise ValueError(f"cache_graph must be a bool; got {cache_graph!r}.")
         self._init(model, loss_fn, [(inputs, targets)], params=params, method=method, num_batches=None)
-        self._cacheable = method == "autograd"
+        self._cacheable = cache_graph and method == "autograd"
         self._data = [*_tensors(inputs), *_tensors(targets)]  # the caller's tensors (their versions key the cache)
 
     def _init(
@@ -98,7 +108,7 @@ class HessianOperator(AveragedCurvature):
         self._cacheable = False  # one fixed batch and double backward only (set by __init__)
         self._caching = 0  # depth of open cached_graph() blocks
         self._data: list[Tensor] = []
-        self._cached: tuple[tuple[object, ...], list[int], list[Tensor]] | None = None
+        self._cached: tuple[tuple[object, ...], list[int], list[Tensor], list[Tensor]] | None = None
         super().__init__(model, loss_fn, batches, params=params, num_batches=num_batches, needs_names=method == "func")
 
     @classmethod
@@ -128,8 +138,13 @@ class HessianOperator(AveragedCurvature):
 
     @contextlib.contextmanager
     def cached_graph(self) -> Iterator[None]:
-        """Reuse one gradient graph for the products inside the block (module docstring)."""
+        """Reuse one gradient graph for the products inside the block (module docstring).
+
+        Every block starts from a fresh graph (so each eigen call builds its own) and frees it at the
+        end. Not thread-safe: share an operator between threads only outside such blocks.
+        """
         self._caching += 1
+        self._cached = None
         try:
             yield
         finally:
@@ -137,26 +152,37 @@ class HessianOperator(AveragedCurvature):
             if not self._caching:
                 self._cached = None
 
-    def _graph_key(self) -> tuple[object, ...]:
-        """What the cached graph depends on: parameters and data (in-place versions) and the mode.
+    def _graph_state(self) -> tuple[tuple[object, ...], list[Tensor]]:
+        """The state a gradient graph depends on, as a comparable key, and the tensors it names.
 
-        The tensors are the caller's own, referenced by the operator, so their ids stay unique.
+        Every parameter and buffer of the model (and of ``loss_fn`` when it is a module), the selected
+        parameters and the caller's data: identity, storage and in-place version; and the train/eval
+        mode of every submodule. The cache holds the tensors, so their ids stay unique. Invisible:
+        writes through ``.data`` or NumPy views, and state outside tensors.
         """
-        tensors = (*self.params, *self.model.buffers(), *self._data)
-        return (self.model.training, *((id(t), t._version) for t in tensors))
+        modules = list(self.model.modules())
+        tensors = [*self.model.parameters(), *self.model.buffers(), *self.params, *self._data]
+        if isinstance(self.loss_fn, nn.Module):
+            modules += list(self.loss_fn.modules())
+            tensors += [*self.loss_fn.parameters(), *self.loss_fn.buffers()]
+        key = (tuple(m.training for m in modules), tuple((id(t), t.data_ptr(), t._version) for t in tensors))
+        return key, tensors
 
     def _gradient_graph(self, inputs: Any, targets: Any) -> tuple[list[int], list[Tensor]]:
         """``(live, g)``: the parameters the loss depends on and ``g = ∇ L`` for them, with its graph."""
-        key = self._graph_key() if self._cacheable and self._caching else None
-        if key is not None and self._cached is not None and self._cached[0] == key:
+        caching = self._cacheable and self._caching > 0
+        if caching and self._cached is not None and self._cached[0] == self._graph_state()[0]:
             return self._cached[1], self._cached[2]
         self._cached = None  # free an outdated graph before building the next one
         loss = self.loss_fn(call_model(self.model, inputs), targets)
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]  # others: zero rows of H
         gs = [grads[i] for i in live]
-        if key is not None:
-            self._cached = (key, live, gs)
+        if caching:
+            # the state AFTER the forward pass: running statistics it updated (BatchNorm in train mode)
+            # belong to this graph, and the next product finds them unchanged
+            key, refs = self._graph_state()
+            self._cached = (key, live, gs, refs)
         return live, gs
 
     def _hvp_autograd(self, inputs: Any, targets: Any, vs: Sequence[Tensor]) -> list[Tensor | None]:
@@ -175,7 +201,7 @@ class HessianOperator(AveragedCurvature):
                     grad_outputs=[vs[i] for i in live],
                     is_grads_batched=True,
                     allow_unused=True,
-                    retain_graph=True,  # the column loop below may still need it
+                    retain_graph=keep,
                 )
             except RuntimeError:  # an op without a batching rule: one double-backward per column
                 cols = [
@@ -207,9 +233,11 @@ class HessianOperator(AveragedCurvature):
 
 
 def _tensors(x: Any) -> list[Tensor]:
-    """The tensors of ``x`` (a tensor, or a nested tuple/list; other leaves are ignored)."""
+    """The tensors of ``x`` (a tensor, or nested tuples/lists/dicts; other leaves are ignored)."""
     if isinstance(x, Tensor):
         return [x]
     if isinstance(x, (tuple, list)):
         return [t for item in x for t in _tensors(item)]
+    if isinstance(x, dict):
+        return [t for item in x.values() for t in _tensors(item)]
     return []

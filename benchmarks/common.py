@@ -78,8 +78,20 @@ DENSE_METHODS = ("cholesky", "backprop", "backprop-reorth")
 def load_data(
     dataset: str, n: int, *, dtype: torch.dtype, device: str, data_dir: Path, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """First ``n`` rows of a seeded permutation, z-scored; ``"synthetic"`` draws a smooth 8-d function."""
-    if dataset == "synthetic":
+    """First ``n`` rows of a seeded permutation, z-scored; ``"synthetic"`` draws a smooth 8-d function.
+
+    ``"synthetic32"``: 32 inputs, a smooth function of all of them with decaying relevance (the
+    high-dimensional ARD case: ``d`` lengthscales in the kernel derivative).
+    """
+    if dataset == "synthetic32":
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(n, 32, generator=g, dtype=torch.float64) * 4 - 2
+        w = torch.linspace(1.0, 0.05, 32, dtype=torch.float64) / 32**0.5
+        f = torch.sin(2 * x @ w) + 0.3 * torch.cos(x[:, :4].sum(-1))
+        y = f + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+        x = (x - x.mean(0)) / x.std(0)
+        y = (y - y.mean()) / y.std()
+    elif dataset == "synthetic":
         g = torch.Generator().manual_seed(seed)
         x = torch.rand(n, 8, generator=g, dtype=torch.float64) * 4 - 2
         f = torch.sin(x @ torch.linspace(0.3, 1.2, 8, dtype=torch.float64)) + 0.5 * torch.cos(2 * x[:, 0] * x[:, 1])

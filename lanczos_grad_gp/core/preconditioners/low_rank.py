@@ -50,6 +50,9 @@ class LowRankPlusDiagPreconditioner:
         factor: ``(*batch, n, k)`` the pivoted-Cholesky factor ``L`` (``L[π]`` is lower triangular).
         remainder_ratio: ``(*batch)`` ``tr(K_θ − L L^T) / tr(D)``: how much of the kernel the
             factor leaves to the noise (0 for a full-rank factor).
+        U_t: ``(*batch, k, n)`` a row-major copy of ``U^T`` on CPU, where BLAS applies ``U^T x`` from it
+            about 3x faster than from the transposed view (the preconditioner is applied twice per
+            Lanczos step); ``None``: the view ``U.mT`` (GPU, whose GEMMs take either layout).
     """
 
     inv_sqrt_diag: Tensor | None
@@ -60,12 +63,14 @@ class LowRankPlusDiagPreconditioner:
     pivots: Tensor | None = None
     factor: Tensor | None = None
     remainder_ratio: Tensor | None = None
+    U_t: Tensor | None = None
 
     def _core(self, x: Tensor) -> Tensor:
         # (I + M M^T)^{-1/2} x for x (*batch, n, c)
         if self.U is None:
             return x
-        return x + self.U @ (self.scale.unsqueeze(-1) * (self.U.mT @ x))
+        U_t = self.U_t if self.U_t is not None else self.U.mT  # (*batch, k, n)
+        return x + self.U @ (self.scale.unsqueeze(-1) * (U_t @ x))
 
     def inv_root(self, x: Tensor) -> Tensor:
         """``C^{-1} x = (I + M M^T)^{-1/2} D^{-1/2} x``."""
@@ -150,4 +155,5 @@ def pivoted_cholesky_preconditioner(
         s2 = s.square()
         scale = (1.0 + s2).rsqrt() - 1.0
         logdet = logdet + torch.log1p(s2).sum(-1)
-        return LowRankPlusDiagPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1], pivots, L, remainder_ratio)
+        U_t = U.mT.contiguous() if U.device.type == "cpu" else None
+        return LowRankPlusDiagPreconditioner(inv_sqrt_d, U, scale, logdet, L.shape[-1], pivots, L, remainder_ratio, U_t)

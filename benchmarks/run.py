@@ -79,7 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_DATA_DIR,
         help="folder with <name>/data.csv.gz per set (default: the bundled benchmarks/data)",
     )
-    p.add_argument("--datasets", nargs="+", default=None, help="UCI names under --data-dir, 'synthetic' (d = 8) or 'synthetic32' (d = 32)")
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        help="UCI names under --data-dir, 'synthetic' (d = 8) or 'synthetic32' (d = 32)",
+    )
     p.add_argument("--n", nargs="+", type=int, default=None)
     p.add_argument("--noise", nargs="+", type=float, default=None)
     p.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)

@@ -837,7 +837,8 @@ for b in (1, 4):
         """Either all four copies of 10 come back converged, or a pair that is not supported is reported
 `converged=False` (with a warning); never a 5 in place of a 10 marked converged.
 `benchmarks/eigen_vs_peers.py` runs the same case against scipy's `eigsh` and hessian-eigenthings,
-and measures products, time and errors on a larger MLP Hessian and an `n = 5000` kernel matrix.""",
+and measures products, time and errors on a larger MLP Hessian, a small CNN's Hessian and kernel
+matrices at `n = 5000` and `n = 20000`.""",
     ),
 ]
 

@@ -109,36 +109,56 @@ def _scipy_minimize_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not _active():
             return fn(closure, parameters, *args, **kwargs)
         start = time.monotonic()
-        with settings.deterministic_objective():
-            result = fn(closure, parameters, *args, **kwargs)
-            rerun = _fixed_parts_used()
-        for _ in range(MAX_RUNS - 1):
-            if not rerun or getattr(result.status, "name", "") == "STOPPED":
-                return result
-            args, kwargs = _without_x0(args, kwargs)  # the run wrote its end point into the parameters
-            timeout = kwargs.get("timeout_sec", args[5] if len(args) > 5 else None)
+        call = {"args": args, "kwargs": kwargs}
+
+        def next_run(result: Any) -> _Rerun | None:
+            if getattr(result.status, "name", "") == "STOPPED":
+                return None
+            a, kw = _without_x0(call["args"], call["kwargs"])  # the run wrote its end point into the parameters
+            timeout = kw.get("timeout_sec", a[5] if len(a) > 5 else None)
             if timeout is not None:
                 left = timeout - (time.monotonic() - start)
                 if left <= 0:
-                    return result
-                if len(args) > 5:
-                    args = (*args[:5], left, *args[6:])
+                    return None
+                if len(a) > 5:
+                    a = (*a[:5], left, *a[6:])
                 else:
-                    kwargs = {**kwargs, "timeout_sec": left}
+                    kw = {**kw, "timeout_sec": left}
+            call["args"], call["kwargs"] = a, kw
             snapshot = {name: p.detach().clone() for name, p in parameters.items()}
-            new, rerun = _rerun_if_moved(
+            return (
                 functools.partial(_closure_value, closure),
                 result.fval,
-                functools.partial(fn, closure, parameters, *args, **kwargs),
+                functools.partial(fn, closure, parameters, *a, **kw),
                 functools.partial(_restore_parameters, parameters, snapshot),
             )
-            if new is None:
-                return result
-            result = new
-        return result
+
+        return _repeat_runs(functools.partial(fn, closure, parameters, *args, **kwargs), next_run)
 
     run.__lgg_original__ = fn  # type: ignore[attr-defined]
     return run
+
+
+#: what a rerun needs: (value at the end point, the run's final value, run again, restore the end point)
+_Rerun = tuple[Callable[[], Any], Any, Callable[[], Any], Callable[[], None]]
+
+
+def _repeat_runs(first: Callable[[], Any], next_run: Callable[[Any], _Rerun | None]) -> Any:
+    """Run ``first`` in a fresh block, then rerun (at most :data:`MAX_RUNS` runs in all) while it held parts
+    fixed, ``next_run(result)`` plans a rerun (``None``: the run was stopped, or no time is left) and the
+    rebuilt estimator's value moved (:func:`_rerun_if_moved`)."""
+    with settings.deterministic_objective():
+        result = first()
+        rerun = _fixed_parts_used()
+    for _ in range(MAX_RUNS - 1):
+        plan = next_run(result) if rerun else None
+        if plan is None:
+            return result
+        new, rerun = _rerun_if_moved(*plan)
+        if new is None:
+            return result
+        result = new
+    return result
 
 
 def _rerun_if_moved(
@@ -208,25 +228,21 @@ def _batched_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not _active():
             return fn(*args, **kwargs)
-        with settings.deterministic_objective():
-            result = fn(*args, **kwargs)
-            rerun = _fixed_parts_used()
         func = args[0] if args else kwargs["func"]
-        for _ in range(MAX_RUNS - 1):
-            if not rerun or any(r.get("warnflag", 0) == 1 for r in result[2]):
-                return result
+
+        def next_run(result: Any) -> _Rerun | None:
+            if any(r.get("warnflag", 0) == 1 for r in result[2]):
+                return None
             xs, fs = result[0], result[1]
-            args, kwargs = ((args[0], xs, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "x0": xs})
-            new, rerun = _rerun_if_moved(
+            a, kw = ((args[0], xs, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "x0": xs})
+            return (
                 functools.partial(_batched_values, func, xs),
                 fs,
-                functools.partial(fn, *args, **kwargs),
+                functools.partial(fn, *a, **kw),
                 functools.partial(_batched_restore, func, xs),
             )
-            if new is None:
-                return result
-            result = new
-        return result
+
+        return _repeat_runs(functools.partial(fn, *args, **kwargs), next_run)
 
     run.__lgg_original__ = fn  # type: ignore[attr-defined]
     return run

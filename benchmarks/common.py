@@ -14,6 +14,7 @@ from torch import Tensor
 
 import lanczos_grad_gp as lgg
 from lanczos_grad_gp.app.datasets import load_uci
+from lanczos_grad_gp.core.preconditioners import nystrom, pivoted_cholesky_preconditioner
 from lanczos_grad_gp.kernels import ChunkedKernel, fuse_stationary_kernel
 
 from . import baselines
@@ -50,17 +51,29 @@ def dataset_dir(data_dir: Path, dataset: str) -> Path:
     return path
 
 
+#: sketch size of the ``ours-nystrom`` method
+NYSTROM_RANK = 256
+
 #: method name -> one-line description (the README table legend)
 METHODS: dict[str, str] = {
     "cholesky": "(a) exact Cholesky, gpytorch.settings.max_cholesky_size(10**9)",
     "gpytorch": "(b) GPyTorch mBCG + SLQ, max_cholesky_size(0), default cg_tolerance (1.0), 10 probes",
     "gpytorch-tight": "(b) same, cg_tolerance(1e-4), max_cg_iterations(3000), max_lanczos_quadrature_iterations(100)",
     "ours": (
-        "(e) lgg.settings.use_lanczos_grad(), defaults (tol 1e-4 f64, rank<=500 precond, 10 probes), "
+        "(e) lgg.settings.use_lanczos_grad(), defaults (tol 1e-4 f64, rank<=500 cost-aware precond: greedy "
+        "pivoted Cholesky or adaptive Nyström, 10 probes), "
         "Lanczos at every n (max_cholesky_size(0))"
     ),
     "ours-tight": (
         "(e) ours with lanczos_tol(1e-6), max_lanczos_iter(400), max_preconditioner_size(1000), num_probes(30)"
+    ),
+    "ours-nystrom": (
+        "(e) ours with the randomized Nyström preconditioner of rank 256 "
+        "(lgg.settings.preconditioner_override(nystrom(256)))"
+    ),
+    "ours-greedy": (
+        "(e) ours with the greedy pivoted-Cholesky preconditioner at every n (the default before the cost-aware "
+        "choice: preconditioner_override(pivoted_cholesky_preconditioner))"
     ),
     "backprop": "(c) autograd through lgg.lanczos_tridiag, same probes/preconditioner/iterations as ours",
     "backprop-reorth": "(c) same with full reorthogonalization",
@@ -149,6 +162,10 @@ def method_context(method: str) -> contextlib.ExitStack:
         e(gpytorch.settings.max_cholesky_size(0))
         if method == "ours-generic":
             e(lgg.settings.fused_kernels(False))
+        if method == "ours-nystrom":
+            e(lgg.settings.preconditioner_override(nystrom(NYSTROM_RANK)))
+        if method == "ours-greedy":
+            e(lgg.settings.preconditioner_override(pivoted_cholesky_preconditioner))
         if method == "ours-tight":
             e(lgg.settings.lanczos_tol(1e-6))
             e(lgg.settings.max_lanczos_iter(400))

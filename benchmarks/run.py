@@ -50,6 +50,8 @@ ORDER = [
     "ours",
     "ours-generic",
     "ours-tight",
+    "ours-nystrom",
+    "ours-greedy",
     "gpytorch",
     "gpytorch-tight",
     "backprop",

@@ -221,7 +221,8 @@ class probe_seed(_thread_local_value):
 
 
 class max_preconditioner_size(_thread_local_value):
-    """Maximal rank of the pivoted-Cholesky preconditioner (0 turns preconditioning off).
+    """Maximal rank of the preconditioner (0 turns preconditioning off): greedy pivoted Cholesky, or a
+    Nyström sketch where that cannot reach its tolerance (``core.preconditioners.select_preconditioner``).
 
     A rank-k factor costs about ``n k²`` flops (a few Lanczos steps at k = 500, n = 10⁴) and cuts
     the iterations sharply at small noise (docs/mathematics.md, "The GP marginal likelihood"). (Default: 500)"""

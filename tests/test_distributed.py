@@ -105,6 +105,20 @@ def _adam(model: _GP, x: torch.Tensor, y: torch.Tensor, steps: int = 5) -> dict[
     return {_base_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _sketched(wrap: bool) -> tuple[float, dict, str, int]:
+    """A near-diagonal kernel (lengthscale 0.02) under rank ≤ 64: the default abandons the greedy factor for
+    the Nyström sketch, whose rank is chosen from measured times (the ranks must agree on them)."""
+    torch.manual_seed(0)
+    x, y = _data()
+    model = _model(_rbf(), x, y, wrap=wrap)
+    kernel = model.covar_module.base_kernel if wrap else model.covar_module
+    kernel.base_kernel.lengthscale = 0.02
+    with lgg.settings.max_preconditioner_size(64), lgg.settings.num_probes(N), lgg.settings.lanczos_tol(1e-10):
+        with lgg.record_calls() as calls:
+            value, grads = _mll_and_grads(model, x, y, 10**6)
+    return value, grads, calls[-1].preconditioner_kind, calls[-1].preconditioner_rank
+
+
 def _worker() -> dict:
     """Runs on each of the two ranks (inside the process group)."""
     rank = dist.get_rank()
@@ -118,6 +132,7 @@ def _worker() -> dict:
         out[case] = (*_mll_and_grads(model, x, y, dense_size), type(op).__name__, op.dense, op.local_rows)
     torch.manual_seed(0)
     out["adam"] = _adam(_model(_rbf(), x, y, wrap=True), x, y)
+    out["sketched"] = _sketched(wrap=True)
     # misuse: unseeded probes, then ranks that disagree on n (rank 1 holds one point more)
     for name, data, seed in (("unseeded", _data(), None), ("mismatch", _data(N + rank), 0)):
         torch.manual_seed(0)
@@ -149,6 +164,7 @@ def references() -> dict:
             refs[case] = _mll_and_grads(_model(factory(), x, y, wrap=False), x, y, dense_size)
         torch.manual_seed(0)
         refs["adam"] = _adam(_model(_rbf(), x, y, wrap=False), x, y)
+        refs["sketched"] = _sketched(wrap=False)
         return refs
     finally:
         torch.set_num_threads(threads)
@@ -185,6 +201,20 @@ def test_adam_steps_identical_on_both_ranks(sharded, references):
         assert torch.equal(value, second[name]), name
         assert _rel(value, references["adam"][name]) <= 1e-7, name
     assert not torch.equal(first["likelihood.noise_covar.raw_noise"], torch.zeros(1, dtype=torch.float64))
+
+
+@needs_gloo
+def test_cost_aware_preconditioner_decided_alike_on_both_ranks(sharded, references):
+    """Timed decisions (the sketch's rank) are averaged over the ranks: both build the same preconditioner."""
+    value, grads, kind, rank = references["sketched"]
+    assert kind == "nystrom"
+    first, second = sharded[0]["sketched"], sharded[1]["sketched"]
+    assert first[2:] == second[2:] and first[2] == "nystrom"
+    assert first[0] == second[0] and all(torch.equal(first[1][k], second[1][k]) for k in grads)
+    # the exact trace (N probes) and the tolerance make the value and gradient independent of the rank chosen
+    assert abs(first[0] - value) <= 1e-6 * abs(value)
+    for name in grads:
+        assert _rel(first[1][name], grads[name]) <= 1e-5, name
 
 
 @needs_gloo

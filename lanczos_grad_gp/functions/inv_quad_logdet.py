@@ -8,9 +8,8 @@ The exact-GP marginal log likelihood (docs/mathematics.md, "The GP marginal like
 
 needs both terms and their gradients. Forward: ONE batched Lanczos run on the preconditioned
 operator ``B = C^{-1} K C^{-T}`` (:mod:`lanczos_grad_gp.core.preconditioners`) over the columns
-``[C^{-1} r, z_1, …, z_N]`` — ``f = 1/x`` for the right-hand sides, ``f = log`` for the
-Rademacher probes of stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017;
-Dong et al. 2017):
+``[C^{-1} r, z_1, …, z_N]`` — ``f = 1/x`` for the right-hand sides, ``f = log`` for the Rademacher
+probes of stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Dong et al. 2017):
 
 .. math::
     \log\det K \approx \log\det P + \frac1N \sum_p z_p^\top \log(B) z_p.
@@ -20,9 +19,8 @@ mapped back by ``C^{-T}`` and handed to ONE ``K._bilinear_derivative`` call — 
 contract as linear_operator's ``InvQuadLogdet``; plus ``∂/∂r = 2 K^{-1} r`` so mean-function
 parameters train. For ``n ≤ num_probes`` the probes are the unit vectors and the trace is exact.
 
-The forward is the shared engine (:func:`lanczos_grad_gp.core.engine.lanczos_forward`) with two
-column groups (``1/x`` for the right-hand sides, ``log`` for the probes); diagnostics come back
-as values and are published through :func:`lanczos_grad_gp.record_calls`.
+The forward is the shared engine (:func:`lanczos_grad_gp.core.engine.lanczos_forward`) with the two column
+groups; diagnostics are published through :func:`lanczos_grad_gp.record_calls`.
 """
 
 from __future__ import annotations
@@ -97,7 +95,8 @@ class InvQuadLogdetInfo:
         batch_shape: the operator's batch shape.
         num_probes: probe vectors used (``n`` when the trace was exact).
         exact_trace: the probes were the unit vectors (``n ≤ num_probes``).
-        preconditioner_rank: rank of the pivoted-Cholesky factor (0: diagonal only / none).
+        preconditioner_rank: rank of the preconditioner's low-rank part (0: diagonal only / none).
+        preconditioner_kind: ``"pivoted_cholesky"``, ``"nystrom"``, ``"identity"`` or an override's class name.
         iterations: ``(*batch, t + N)`` Lanczos steps per column (rhs first, then probes).
         inv_quad_relative_residual: ``(*batch, t)`` CG-type relative residual of ``B^{-1} w``.
         logdet_relative_residual: ``(*batch, N)`` relative residual of ``log(B) z``.
@@ -135,6 +134,7 @@ class InvQuadLogdetInfo:
     variance_reduced: bool = False
     jitter: float = 0.0
     fixed_preconditioner: bool = False
+    preconditioner_kind: str = "pivoted_cholesky"
 
 
 @dataclass(frozen=True)
@@ -148,9 +148,8 @@ class _FrozenParts:
 def _rank_limited(precond: Preconditioner, max_rank: int, n: int) -> bool:
     """Whether the factor stopped at its rank cap short of ``n`` (so the log-determinant is a genuine estimate).
 
-    A factor that stopped earlier met the pivoted Cholesky's trace tolerance, ``B ≈ I``, and value and
-    (variance-reduced) gradient are exact up to ``O(ρ)`` at every ``θ`` it is rebuilt at; a full-rank one
-    is exact. Preconditioners without a pivoted-Cholesky factor (overrides) count as rank-limited.
+    A factor that stopped earlier met its trace tolerance (``B ≈ I``: exact up to ``O(ρ)`` at every ``θ``);
+    a full-rank one is exact. Preconditioners without a pivoted-Cholesky factor count as rank-limited.
     """
     if getattr(precond, "factor", None) is None:
         return not (precond.rank == 0 and max_rank == 0)  # max_preconditioner_size 0: identity, nothing to fix
@@ -181,6 +180,7 @@ def _forward(
             max_rank=options.max_preconditioner_size,
             trace_tol=options.preconditioner_tol,
             override=settings.preconditioner_override.value(),
+            num_columns=t + (options.num_probes if want_logdet and not exact_trace else 0),
         )
     # In a deterministic-objective scope a rank-limited factor is replaced by the key's fixed one (the
     # first rank-limited factor of the scope, stored below with the probes); a factor that meets its
@@ -270,6 +270,7 @@ def _forward(
         num_probes=num,
         exact_trace=exact_trace,
         preconditioner_rank=precond.rank,
+        preconditioner_kind=getattr(precond, "kind", type(precond).__name__),
         iterations=d.iterations,
         inv_quad_relative_residual=d.relative_residual[..., :t],
         logdet_relative_residual=d.relative_residual[..., t:],

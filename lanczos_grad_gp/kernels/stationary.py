@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import settings
 from .._compat import kernel_operator_kwargs
+from ..core.dense_matmul import symmetric_matmul
 from .blocks import UnitBlocks, blocks_matmul, fill_matrix, same_inputs
 from .chunked import ChunkedKernelLinearOperator
 from .derivative import stationary_bilinear_derivative
@@ -107,9 +108,18 @@ class StationaryKernelLinearOperator(ChunkedKernelLinearOperator):
             return super()._matmul(rhs)
         s = self.tensor_params["outputscale"][..., None, None]
         if self.dense:
-            return s * (self._unit_dense() @ rhs)
+            unit = self._unit_dense()
+            if unit.device.type == "cpu" and self._symmetric():  # any layout computes a symmetric product
+                return s * symmetric_matmul(unit, rhs)
+            return s * (unit @ rhs)
         with torch.no_grad():
             return s * blocks_matmul(self._unit_blocks(), rhs)
+
+    def _symmetric(self) -> bool:
+        """``x1`` and ``x2`` are the same points (the training covariance), checked once."""
+        if "symmetric" not in self._cache:
+            self._cache["symmetric"] = same_inputs(self.x1, self.x2)
+        return self._cache["symmetric"]
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         if self.dense and self._graph_free() and not batch_indices and not len(self.batch_shape):

@@ -1,4 +1,7 @@
-r"""Preconditioners of the GP routine: a small protocol, two implementations and one chooser.
+r"""Preconditioners of the GP routine: a small protocol, three implementations and one chooser.
+
+The default is the greedy pivoted Cholesky (:mod:`.low_rank`); :func:`nystrom` gives the randomized
+Nyström preconditioner of :mod:`.nystrom`, which sees the leading eigenspace where pivot columns do not.
 
 A preconditioner ``P = C C^T ≈ K`` is used symmetrically: Lanczos runs on ``B = C^{-1} K C^{-T}``,
 ``log det K = log det P + log det B`` and the Ritz vectors map back by ``C^{-T}``
@@ -35,6 +38,7 @@ from .low_rank import (
     identity_preconditioner,
     pivoted_cholesky_preconditioner,
 )
+from .nystrom import adaptive_nystrom_preconditioner, nystrom, nystrom_preconditioner
 from .pivoted_cholesky import pivoted_cholesky
 
 __all__ = [
@@ -43,6 +47,9 @@ __all__ = [
     "LowRankPlusDiagPreconditioner",
     "SplitPreconditioner",
     "identity_preconditioner",
+    "adaptive_nystrom_preconditioner",
+    "nystrom",
+    "nystrom_preconditioner",
     "pivoted_cholesky",
     "pivoted_cholesky_preconditioner",
     "select_preconditioner",
@@ -66,6 +73,9 @@ class Preconditioner(Protocol):
     def inv_root_t(self, x: Tensor) -> Tensor: ...
 
 
+#: the smallest ``max_rank`` at which the default may trade the greedy factor for the Nyström sketch
+AUTO_MIN_RANK = 64
+
 #: ``(A, max_rank, trace_tol) -> Preconditioner | None``
 PreconditionerFactory = Callable[[LinearOperator, int, float], "Preconditioner | None"]
 
@@ -76,11 +86,17 @@ def select_preconditioner(
     max_rank: int,
     trace_tol: float,
     override: PreconditionerFactory | None = None,
+    num_columns: int = 11,
 ) -> Preconditioner:
     """The preconditioner for ``A``: the override's, when it returns one, else the default.
 
-    Default: the pivoted-Cholesky low-rank-plus-diagonal preconditioner for ``K + D`` (diagonal
-    ``D > 0``), the identity for anything else.
+    Default, for ``K + D`` (diagonal ``D > 0``; the identity for anything else): the greedy
+    pivoted-Cholesky split preconditioner, unless ``n > 2 max_rank``, ``max_rank ≥ 64`` and the
+    factor is projected to stop at ``max_rank`` with a remainder above ``tr(D)``: then it is abandoned
+    (after at least 32 columns) for the randomized Nyström preconditioner whose rank is chosen by cost
+    (:func:`.nystrom.adaptive_nystrom_preconditioner`; ``num_columns``: the Lanczos columns it is
+    applied to per step). Where the greedy factor meets its trace tolerance, or the variance-reduced
+    gradient's regime ``ρ ≤ 1``, it is kept: value and gradient are then (nearly) exact.
     """
     if override is not None:
         chosen = override(A, max_rank, trace_tol)
@@ -91,4 +107,12 @@ def select_preconditioner(
                     f"and rank; got {type(chosen).__name__}."
                 )
             return chosen
+    n = A.shape[-1]
+    if max_rank >= AUTO_MIN_RANK and n > 2 * max_rank:
+        greedy = pivoted_cholesky_preconditioner(A, max_rank, trace_tol, abandon_short=True)
+        if greedy is not None:
+            return greedy
+        sketched = adaptive_nystrom_preconditioner(A, max_rank, num_columns=num_columns)
+        if sketched is not None:
+            return sketched
     return pivoted_cholesky_preconditioner(A, max_rank, trace_tol)

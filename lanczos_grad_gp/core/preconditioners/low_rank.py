@@ -53,6 +53,8 @@ class LowRankPlusDiagPreconditioner:
         U_t: ``(*batch, k, n)`` a row-major copy of ``U^T`` on CPU, where BLAS applies ``U^T x`` from it
             about 3x faster than from the transposed view (the preconditioner is applied twice per
             Lanczos step); ``None``: the view ``U.mT`` (GPU, whose GEMMs take either layout).
+        kind: how ``U`` was found: ``"pivoted_cholesky"`` or ``"nystrom"`` (:mod:`.nystrom`);
+            ``"identity"`` for ``P = I``.
     """
 
     inv_sqrt_diag: Tensor | None
@@ -64,6 +66,7 @@ class LowRankPlusDiagPreconditioner:
     factor: Tensor | None = None
     remainder_ratio: Tensor | None = None
     U_t: Tensor | None = None
+    kind: str = "pivoted_cholesky"
 
     def _core(self, x: Tensor) -> Tensor:
         # (I + M M^T)^{-1/2} x for x (*batch, n, c)
@@ -103,18 +106,22 @@ SplitPreconditioner = LowRankPlusDiagPreconditioner
 def identity_preconditioner(A: LinearOperator) -> LowRankPlusDiagPreconditioner:
     """``P = I`` (``C^{-1} = I``, ``log det P = 0``, rank 0)."""
     zero = torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)
-    return LowRankPlusDiagPreconditioner(None, None, None, zero, 0)
+    return LowRankPlusDiagPreconditioner(None, None, None, zero, 0, kind="identity")
 
 
 def pivoted_cholesky_preconditioner(
-    A: LinearOperator, max_rank: int, trace_tol: float
-) -> LowRankPlusDiagPreconditioner:
+    A: LinearOperator, max_rank: int, trace_tol: float, *, abandon_short: bool = False
+) -> LowRankPlusDiagPreconditioner | None:
     """Build the split preconditioner of ``A`` (identity unless ``A = K + D`` with diagonal ``D``).
 
     Args:
         A: the covariance operator, typically ``AddedDiagLinearOperator(kernel, noise)``.
         max_rank: maximal pivoted-Cholesky rank (0: no low-rank part, only the diagonal split).
         trace_tol: stop when ``tr(K - L L^T) ≤ trace_tol · n · min(D)``.
+        abandon_short: return ``None`` as soon as the factor is projected to end, at ``max_rank``, with
+            a remainder ratio ``ρ = tr(K − L Lᵀ) / tr(D) > 1`` (and above the trace tolerance): the
+            regime where neither the trace tolerance nor the variance-reduced gradient can be reached
+            (:func:`~.pivoted_cholesky.pivoted_cholesky`'s ``abandon_above``).
     """
     parts = added_diag_parts(A)
     if parts is None or A.batch_shape.numel() == 0:  # empty batch: nothing to do
@@ -132,7 +139,12 @@ def pivoted_cholesky_preconditioner(
         rank = min(max_rank, n)
         if rank == 0:
             return LowRankPlusDiagPreconditioner(inv_sqrt_d, None, None, logdet, 0)
-        L, pivots = pivoted_cholesky(base, rank, error_tol=trace_tol * n * d.amin(-1), return_pivots=True)
+        error_tol = trace_tol * n * d.amin(-1)
+        abandon_above = torch.maximum(d.sum(-1), error_tol) if abandon_short else None
+        out = pivoted_cholesky(base, rank, error_tol=error_tol, return_pivots=True, abandon_above=abandon_above)
+        if out is None:
+            return None
+        L, pivots = out
         # In low precision on a numerically rank-deficient kernel (near-duplicate inputs) a late
         # pivot can go nonpositive and NaN-fill the remaining columns; on an exactly low-rank kernel
         # the residual diagonal reaches 0 and later columns are 0. Keep the leading columns with a

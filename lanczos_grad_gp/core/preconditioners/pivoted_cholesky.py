@@ -25,7 +25,10 @@ from torch import Tensor
 
 from ..._compat import get_entries
 
-__all__ = ["pivoted_cholesky"]
+__all__ = ["pivoted_cholesky", "ABANDON_MIN_STEPS"]
+
+#: the first step at which :func:`pivoted_cholesky` may abandon a factor that cannot reach ``abandon_above``
+ABANDON_MIN_STEPS = 32
 
 
 def _rows(op: LinearOperator, pivots: Tensor) -> Tensor:
@@ -51,7 +54,8 @@ def pivoted_cholesky(
     check_every: int = 8,
     *,
     return_pivots: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    abandon_above: Tensor | float | None = None,
+) -> Tensor | tuple[Tensor, Tensor] | None:
     """Rank-``≤ max_rank`` pivoted Cholesky factor ``L`` (``(*batch, n, k)``) with ``L L^T ≈ op``.
 
     Stops when the trace of the remainder ``tr(op − L L^T)`` is ``≤ error_tol`` (absolute, per
@@ -59,6 +63,13 @@ def pivoted_cholesky(
     Runs under ``no_grad``: the factor is a constant (a preconditioner). With ``return_pivots``
     also returns the pivots ``π`` (``(*batch, k)``, in the order chosen): ``L[π]`` is lower
     triangular and ``L L^T = op[:, π] op[π, π]^{-1} op[π, :]`` (the Nyström form).
+
+    With ``abandon_above`` (absolute, per batch entry) the factorization gives up and returns ``None``
+    when, at two consecutive checks from step :data:`ABANDON_MIN_STEPS` on, even an optimistic
+    projection of the remainder to ``max_rank`` stays above it for some batch entry: the remainder
+    minus the largest per-column decrease seen so far (over a check window) times the steps left.
+    The projection is optimistic while the per-column decrease falls, as it does once the leading
+    directions are found; requiring two checks guards against the slow first columns.
     """
     with torch.no_grad():
         n = op.shape[-1]
@@ -70,6 +81,8 @@ def pivoted_cholesky(
         tiny = torch.finfo(d.dtype).tiny
         rank = k
         pivots = torch.zeros(*op.batch_shape, k, dtype=torch.long, device=d.device)
+        give_up = None if abandon_above is None else torch.as_tensor(abandon_above, dtype=d.dtype, device=d.device)
+        last, rate, was_hopeless = d.sum(-1), torch.zeros_like(d[..., 0]), False
         for j in range(k):
             piv = d.argmax(-1)  # (*batch,)
             pivots[..., j] = piv
@@ -84,9 +97,19 @@ def pivoted_cholesky(
             Lt[..., j, :] = col
             d = (d - col.square()).clamp_min(0)
             d.scatter_(-1, piv.unsqueeze(-1), 0.0)  # the pivot is now exact
-            if (j + 1) % check_every == 0 and bool((d.sum(-1) <= tol).all()):  # one sync per check
-                rank = j + 1
-                break
+            if (j + 1) % check_every == 0:
+                remainder = d.sum(-1)  # (*batch,)
+                if bool((remainder <= tol).all()):  # one sync per check
+                    rank = j + 1
+                    break
+                if give_up is not None:
+                    rate = torch.maximum(rate, (last - remainder) / check_every)
+                    last = remainder
+                    projected = remainder - rate * (k - j - 1)
+                    hopeless = j + 1 >= ABANDON_MIN_STEPS and bool((projected > give_up).any())
+                    if hopeless and was_hopeless:
+                        return None
+                    was_hopeless = hopeless
         if return_pivots:
             return Lt[..., :rank, :].mT, pivots[..., :rank]
         return Lt[..., :rank, :].mT

@@ -347,8 +347,8 @@ class deterministic_objective(_thread_local_flag):
     r"""One deterministic, smooth objective per block: what L-BFGS's line search assumes.
 
     In the block, the first Lanczos-route log-determinant call of each covariance key (batch shape,
-    ``n``, dtype, device, options) whose pivoted-Cholesky factor stops at its rank cap fixes that
-    preconditioner ``P_0`` and the probes for later rank-limited calls of the key, and the control
+    ``n``, dtype, device, options) whose preconditioner is rank-limited (a pivoted-Cholesky factor at its
+    cap, or a Nyström sketch) fixes that ``P_0`` and the probes for later rank-limited calls, and the control
     variate keeps its value. The value is then an unbiased estimate of ``log det K_θ`` at every ``θ``
     whose exact gradient (up to the Lanczos tolerance) is the returned gradient; outside a block they
     belong to different estimators (docs/mathematics.md, "Deterministic objectives"). Factors that

@@ -108,15 +108,40 @@ def _adam(model: _GP, x: torch.Tensor, y: torch.Tensor, steps: int = 5) -> dict[
 def _sketched(wrap: bool) -> tuple[float, dict, str, int]:
     """A near-diagonal kernel (lengthscale 0.02) under rank ≤ 64: the default abandons the greedy factor for
     the Nyström sketch, whose rank is chosen from measured times (the ranks must agree on them)."""
+    import importlib
+
+    ny = importlib.import_module("lanczos_grad_gp.core.preconditioners.nystrom")
     torch.manual_seed(0)
     x, y = _data()
     model = _model(_rbf(), x, y, wrap=wrap)
     kernel = model.covar_module.base_kernel if wrap else model.covar_module
     kernel.base_kernel.lengthscale = 0.02
-    with lgg.settings.max_preconditioner_size(64), lgg.settings.num_probes(N), lgg.settings.lanczos_tol(1e-10):
-        with lgg.record_calls() as calls:
-            value, grads = _mll_and_grads(model, x, y, 10**6)
+    start, ny.START_RANK = ny.START_RANK, 8  # sketches of 8, 16, 32, 64: the doubling is decided by timings
+    try:
+        with lgg.settings.max_preconditioner_size(64), lgg.settings.num_probes(N), lgg.settings.lanczos_tol(1e-10):
+            with lgg.record_calls() as calls:
+                value, grads = _mll_and_grads(model, x, y, 10**6)
+    finally:
+        ny.START_RANK = start
     return value, grads, calls[-1].preconditioner_kind, calls[-1].preconditioner_rank
+
+
+def _column_costs() -> list[float]:
+    """The sketch's measured cost ratio on the sharded operator, bare and wrapped (a scaled kernel)."""
+    import importlib
+
+    ny = importlib.import_module("lanczos_grad_gp.core.preconditioners.nystrom")
+    x, y = _data()
+    model = _model(_rbf(), x, y, wrap=True)
+    with _lanczos(10**6):
+        op = model.covar_module(x).evaluate_kernel().detach()
+    omega, _ = torch.linalg.qr(torch.randn(N, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    ones = torch.ones(N, dtype=torch.float64)
+    ratios = []
+    for operator in (op, op * 2.0):
+        ny._cost_cache.clear()
+        ratios.append(ny._column_cost(operator, ones, omega, ny._scaled_product(operator, ones, omega), 4))
+    return ratios
 
 
 def _worker() -> dict:
@@ -133,6 +158,7 @@ def _worker() -> dict:
     torch.manual_seed(0)
     out["adam"] = _adam(_model(_rbf(), x, y, wrap=True), x, y)
     out["sketched"] = _sketched(wrap=True)
+    out["column_cost"] = _column_costs()
     # misuse: unseeded probes, then ranks that disagree on n (rank 1 holds one point more)
     for name, data, seed in (("unseeded", _data(), None), ("mismatch", _data(N + rank), 0)):
         torch.manual_seed(0)
@@ -215,6 +241,13 @@ def test_cost_aware_preconditioner_decided_alike_on_both_ranks(sharded, referenc
     assert abs(first[0] - value) <= 1e-6 * abs(value)
     for name in grads:
         assert _rel(first[1][name], grads[name]) <= 1e-5, name
+
+
+@needs_gloo
+def test_measured_costs_are_averaged_over_the_ranks(sharded):
+    """Wall-clock times differ per process; the averaged ratio, bare or wrapped, is the same on both ranks."""
+    first, second = sharded[0]["column_cost"], sharded[1]["column_cost"]
+    assert first == second and all(r > 0 for r in first)
 
 
 @needs_gloo

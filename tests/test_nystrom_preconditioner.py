@@ -73,9 +73,12 @@ def test_batched_seeded_and_input_unchanged() -> None:
     P1, P2 = nystrom_preconditioner(A, 10, seed=3), nystrom_preconditioner(A, 10, seed=3)
     assert P1.U.shape == (2, 40, 10) and P1.logdet.shape == (2,)
     assert torch.equal(P1.U, P2.U) and torch.equal(P1.logdet, P2.logdet)
+    Pd = _dense_P(P1, 40)  # (2, 40, 40): each entry is D^{1/2}(I + U Λ Uᵀ)D^{1/2} of its own sketch
     for b in range(2):
-        Ab = AddedDiagLinearOperator(DenseLinearOperator(K[b]), DiagLinearOperator(d[b]))
-        torch.testing.assert_close(nystrom_preconditioner(Ab, 10, seed=3).logdet, P1.logdet[b], rtol=1e-1, atol=1e-1)
+        torch.testing.assert_close(P1.logdet[b], torch.logdet(Pd[b]), rtol=1e-10, atol=1e-10)
+        S = K[b] / (d[b].sqrt().unsqueeze(-1) * d[b].sqrt().unsqueeze(-2))
+        approx = (P1.U[b] * ((1 + P1.scale[b]) ** -2 - 1)) @ P1.U[b].mT  # U Λ Uᵀ from scale = (1+Λ)^{-1/2} − 1
+        assert float(torch.linalg.eigvalsh(S - approx)[0]) > -1e-8  # U Λ Uᵀ ⪯ S (up to the shift)
     assert torch.equal(K, before)
     assert nystrom_preconditioner(A, 0).rank == 0
     assert nystrom_preconditioner(DenseLinearOperator(A.to_dense()), 10).rank == 0  # not K + D: identity
@@ -143,6 +146,24 @@ def test_pivoted_cholesky_abandons_only_a_hopeless_factor() -> None:
     torch.testing.assert_close(L, pivoted_cholesky(smooth, 150, error_tol=1e-8))
 
 
+def test_abandon_keeps_a_factor_whose_decrease_comes_late() -> None:
+    """Isolated points first (decrease 1 per column), then 40 clusters of 6 (decrease 6): exact at rank 80."""
+    from lanczos_grad_gp.core.preconditioners import pivoted_cholesky
+
+    blocks = [torch.eye(40, dtype=torch.float64)] + [torch.ones(6, 6, dtype=torch.float64)] * 40
+    K = DenseLinearOperator(torch.block_diag(*blocks))  # n = 280, rank 80
+    L = pivoted_cholesky(K, 80, error_tol=0.28, abandon_above=28.0)
+    assert L is not None and L.shape == (280, 80)
+    torch.testing.assert_close(L @ L.mT, K.to_dense(), rtol=0, atol=1e-12)
+    # batched: the same decision per entry; a hopeless entry (near-diagonal kernel) gives the batch up
+    level = torch.full((2,), 28.0, dtype=torch.float64)
+    Kb = DenseLinearOperator(torch.stack([K.to_dense(), K.to_dense()]))
+    assert pivoted_cholesky(Kb, 80, error_tol=0.28, abandon_above=level) is not None
+    hard = _near_diagonal(280)._linear_op.to_dense()
+    mixed = DenseLinearOperator(torch.stack([K.to_dense(), hard]))
+    assert pivoted_cholesky(mixed, 80, error_tol=0.28, abandon_above=level) is None
+
+
 def test_default_trades_a_hopeless_greedy_factor_for_the_sketch() -> None:
     from lanczos_grad_gp.core.preconditioners import select_preconditioner
 
@@ -165,11 +186,12 @@ def test_adaptive_rank_follows_the_cost_model(monkeypatch: pytest.MonkeyPatch, s
     costly ones: the first sketch is kept. On a spectrum without decay (d = 16) doubling never pays."""
     ny = importlib.import_module("lanczos_grad_gp.core.preconditioners.nystrom")  # the module, not the factory
 
-    def fake_seconds(fn):
+    def fake_seconds(fn, like):
         out = fn()
         return out, 1.0 if out.shape[-1] <= 11 else sketch_cost * out.shape[-1] / 64  # a Lanczos product: 1 s
 
     monkeypatch.setattr(ny, "_seconds", fake_seconds)
+    monkeypatch.setattr(ny, "_cost_cache", {})
     A = _near_diagonal(1500, d=8)  # sketch eigenvalues 304, 33, 19, 12 at 1, 32, 64, 128: a decaying spectrum
     P = ny.adaptive_nystrom_preconditioner(A, 512, num_columns=11)
     assert P.kind == "nystrom" and (P.rank > ny.START_RANK if sketch_cost == 0 else P.rank == ny.START_RANK)
@@ -178,6 +200,9 @@ def test_adaptive_rank_follows_the_cost_model(monkeypatch: pytest.MonkeyPatch, s
     assert abs(float(P.logdet) - float(torch.logdet(Pd))) < 1e-8 * 1500
     flat = ny.adaptive_nystrom_preconditioner(_near_diagonal(1500, d=16), 512, num_columns=11)
     assert flat.rank == ny.START_RANK  # eigenvalues 12, 10.3, 10.2, 10.0: nothing to gain
+    # the measured ratio is kept: a second call at the same θ builds the same preconditioner
+    again = ny.adaptive_nystrom_preconditioner(A, 512, num_columns=11)
+    assert len(ny._cost_cache) == 1 and again.rank == P.rank and torch.equal(again.U, P.U)
 
 
 def test_gp_routine_under_the_default_choice_matches_cholesky() -> None:

@@ -119,14 +119,16 @@ def nystrom_preconditioner(A: LinearOperator, rank: int, *, seed: int = 0) -> Lo
         base, d = split
         r = min(int(rank), A.shape[-1])
         if r == 0:
-            return LowRankPlusDiagPreconditioner(d.rsqrt(), None, None, d.log().sum(-1), 0)
+            return LowRankPlusDiagPreconditioner(d.rsqrt(), None, None, d.log().sum(-1), 0, kind="nystrom")
         omega, _ = torch.linalg.qr(_gaussian(A.batch_shape, A.shape[-1], r, seed, d))  # (*batch, n, r)
         eig = _nystrom_eig(_scaled_product(base, d.rsqrt(), omega), omega)
         return None if eig is None else _assemble(base, d, *eig)
 
 
-def _seconds(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
-    """``fn()`` and its wall time (synchronised on CUDA)."""
+def _seconds(fn: Callable[[], Tensor], like: Tensor) -> tuple[Tensor, float]:
+    """``fn()`` and its wall time (synchronised before and after on CUDA)."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
     t0 = time.perf_counter()
     out = fn()
     if out.is_cuda:
@@ -134,9 +136,22 @@ def _seconds(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
     return out, time.perf_counter() - t0
 
 
+def _find_shard(op: LinearOperator) -> object | None:
+    """The shard spec of a row-sharded operator inside ``op`` (wrapped by a scale or a sum), if any."""
+    spec = getattr(op, "shard", None)
+    if spec is not None:
+        return spec
+    for arg in getattr(op, "_args", ()):
+        if isinstance(arg, LinearOperator):
+            found = _find_shard(arg)
+            if found is not None:
+                return found
+    return None
+
+
 def _agreed(base: LinearOperator, seconds: list[float], like: Tensor) -> list[float]:
     """The ranks' mean of measured times for a row-sharded operator, so every rank takes the same decision."""
-    spec = getattr(base, "shard", None)
+    spec = _find_shard(base)
     if spec is None or getattr(spec, "world_size", 1) == 1:
         return seconds
     from ...distributed.comm import all_reduce_sum
@@ -145,20 +160,42 @@ def _agreed(base: LinearOperator, seconds: list[float], like: Tensor) -> list[fl
     return [float(t) / spec.world_size for t in total]
 
 
+#: ``(operator type, n, batch, block columns, sketch columns, dtype, device, threads) -> cost ratio``
+_cost_cache: dict[tuple, float] = {}
+
+
+def _column_cost(base: LinearOperator, inv_sqrt_d: Tensor, omega: Tensor, Y: Tensor, c: int) -> float:
+    """Time of one sketch column over the time of one product with the ``c``-column Lanczos block.
+
+    Measured once per shape, dtype, device and thread count and process (after one untimed product of each
+    width, so that a layout tuning of :mod:`lanczos_grad_gp.core.dense_matmul` is not billed), and reused,
+    so the rank is a deterministic function of ``θ`` after the first call.
+    """
+    key = (type(base).__name__, *Y.shape, c, Y.dtype, str(Y.device), torch.get_num_threads())
+    if key not in _cost_cache:
+        block = omega[..., :c]
+        _scaled_product(base, inv_sqrt_d, block)  # warm-up (Y itself was the sketch's)
+        _, t_sketch = _seconds(lambda: _scaled_product(base, inv_sqrt_d, omega), Y)
+        _, t_step = _seconds(lambda: _scaled_product(base, inv_sqrt_d, block), Y)
+        t_sketch, t_step = _agreed(base, [t_sketch, t_step], Y)
+        _cost_cache[key] = t_sketch / omega.shape[-1] / max(t_step, 1e-9)
+    return _cost_cache[key]
+
+
 def adaptive_nystrom_preconditioner(
-    A: LinearOperator, max_rank: int, *, num_columns: int, seed: int = 0, start_rank: int = START_RANK
+    A: LinearOperator, max_rank: int, *, num_columns: int, seed: int = 0, start_rank: int | None = None
 ) -> LowRankPlusDiagPreconditioner | None:
     r"""The Nyström preconditioner whose rank is chosen by cost: doubled while it pays.
 
-    Model (a heuristic, calibrated on the benchmark's UCI sets): Lanczos needs about
+    Model (a heuristic, calibrated on protein): Lanczos needs about
     ``m(r) = STEPS_PER_ROOT_KAPPA · √(1 + Λ_r)`` steps on the preconditioned operator, with ``Λ_r`` the
     smallest eigenvalue the rank-``r`` sketch found (``≈ λ_r(S)``, the part of the spectrum left above 1).
     Doubling to ``2r`` is predicted to leave ``Λ_r · (Λ_r / Λ_{r/2})`` (the sketch's own decay
-    continued). It is done when the predicted saving ``m(r) − m(2r)`` Lanczos steps exceeds its cost in
-    steps: the ``r`` new sketch columns (their product's measured time over the measured time of one
-    product with the ``num_columns`` Lanczos columns) plus the larger factor's application over ``m(2r)``
-    steps (``4 r / n`` of a step per added column block). Times are measured on the operator itself
-    (for a row-sharded operator, averaged over the ranks so that all take the same decision).
+    continued), taken for the batch entry with the largest ``Λ_r``. It is done when the predicted saving
+    ``m(r) − m(2r)`` Lanczos steps exceeds its cost in steps: the ``r`` new sketch columns (at the
+    measured cost ratio of :func:`_column_cost`) plus the larger factor's application over ``m(2r)``
+    steps (``4 r / n`` of a step per added column block). For a row-sharded operator the measured times
+    are averaged over the ranks, so that all take the same decision. ``start_rank``: ``START_RANK``.
     """
     with torch.no_grad():
         split = _noise_split(A)
@@ -167,35 +204,35 @@ def adaptive_nystrom_preconditioner(
         base, d = split
         n, batch = A.shape[-1], A.batch_shape
         inv_sqrt_d = d.rsqrt()
-        r = min(int(start_rank), int(max_rank), n)
+        r = min(START_RANK if start_rank is None else int(start_rank), int(max_rank), n)
         if r == 0:
-            return LowRankPlusDiagPreconditioner(inv_sqrt_d, None, None, d.log().sum(-1), 0)
+            return LowRankPlusDiagPreconditioner(inv_sqrt_d, None, None, d.log().sum(-1), 0, kind="nystrom")
         omega, _ = torch.linalg.qr(_gaussian(batch, n, r, seed, d))
-        Y, t_sketch = _seconds(lambda: _scaled_product(base, inv_sqrt_d, omega))
-        c = max(1, min(int(num_columns), r))
-        _, t_step = _seconds(lambda: _scaled_product(base, inv_sqrt_d, omega[..., :c]))
-        t_sketch, t_step = _agreed(base, [t_sketch, t_step], d)
+        Y = _scaled_product(base, inv_sqrt_d, omega)  # (*batch, n, r)
         eig = _nystrom_eig(Y, omega)
         if eig is None:
             return None
+        per_column = None
         step = 1
         while r < min(int(max_rank), n):
-            lam = eig[1].amax(tuple(range(eig[1].dim() - 1))) if eig[1].dim() > 1 else eig[1]  # (r,) worst batch
+            lam = eig[1].reshape(-1, eig[1].shape[-1])  # (B, r)
+            lam = lam[lam[:, -1].argmax()]  # the batch entry with the most spectrum left
             r_new = min(2 * r, int(max_rank), n)
             lam_r, lam_half = float(lam[-1]), float(lam[max(r // 2 - 1, 0)])
             lam_next = lam_r * (lam_r / lam_half) if lam_half > 0 else 0.0
             m_now = STEPS_PER_ROOT_KAPPA * math.sqrt(1.0 + lam_r)
             m_next = STEPS_PER_ROOT_KAPPA * math.sqrt(1.0 + lam_next)
-            cost = t_sketch * (r_new - r) / r / max(t_step, 1e-9) + m_next * 4.0 * (r_new - r) / n
-            if m_now - m_next <= cost:
+            if m_now - m_next <= m_next * 4.0 * (r_new - r) / n:  # not even the application pays
+                break
+            if per_column is None:
+                per_column = _column_cost(base, inv_sqrt_d, omega, Y, max(1, min(int(num_columns), r)))
+            if m_now - m_next <= per_column * (r_new - r) + m_next * 4.0 * (r_new - r) / n:
                 break
             extra = _gaussian(batch, n, r_new - r, seed + step, d)
             for _ in range(2):  # twice is enough: orthogonal to Ω to working precision
                 extra = extra - omega @ (omega.mT @ extra)
             extra, _ = torch.linalg.qr(extra)
-            Y_extra, t_extra = _seconds(lambda extra=extra: _scaled_product(base, inv_sqrt_d, extra))
-            t_sketch = _agreed(base, [t_extra], d)[0] * r / (r_new - r)  # the measured time per r columns
-            omega, Y = torch.cat([omega, extra], -1), torch.cat([Y, Y_extra], -1)
+            omega, Y = torch.cat([omega, extra], -1), torch.cat([Y, _scaled_product(base, inv_sqrt_d, extra)], -1)
             larger = _nystrom_eig(Y, omega)
             if larger is None:  # keep the smaller factor
                 break
@@ -207,7 +244,7 @@ def nystrom(rank: int | None = None, *, seed: int = 0) -> PreconditionerFactory:
     """A :class:`~lanczos_grad_gp.settings.preconditioner_override` factory for the Nyström preconditioner.
 
     ``rank`` (``None``: ``max_preconditioner_size``) is the sketch size; when the small Cholesky fails
-    the GP routine falls back to its default (pivoted Cholesky)::
+    the GP routine falls back to its default choice (:func:`~.select_preconditioner`)::
 
         with lgg.settings.preconditioner_override(lgg.core.preconditioners.nystrom(256)):
             loss = -mll(model(x), y)

@@ -25,10 +25,12 @@ from torch import Tensor
 
 from ..._compat import get_entries
 
-__all__ = ["pivoted_cholesky", "ABANDON_MIN_STEPS"]
+__all__ = ["pivoted_cholesky", "ABANDON_MIN_STEPS", "ABANDON_SAMPLES"]
 
 #: the first step at which :func:`pivoted_cholesky` may abandon a factor that cannot reach ``abandon_above``
 ABANDON_MIN_STEPS = 32
+#: candidate pivots sampled when a projection says "hopeless" (:func:`pivoted_cholesky`'s ``abandon_above``)
+ABANDON_SAMPLES = 8
 
 
 def _rows(op: LinearOperator, pivots: Tensor) -> Tensor:
@@ -45,6 +47,25 @@ def _rows(op: LinearOperator, pivots: Tensor) -> Tensor:
     row = pivots.unsqueeze(-1)  # (*batch, 1)
     col = torch.arange(n, device=op.device).view(*([1] * nb), n)
     return get_entries(op, row, col, *batch_idx)
+
+
+def _sampled_decrease(op: LinearOperator, Lt: Tensor, d: Tensor, sampler: torch.Generator) -> Tensor:
+    """``(*batch,)`` the largest ``‖E_{:,i}‖² / E_ii`` over pivots ``i`` drawn ∝ the residual diagonal ``d``."""
+    batch, n = d.shape[:-1], d.shape[-1]
+    weights = d.detach().reshape(-1, n).to(device="cpu", dtype=torch.float64)
+    weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, torch.ones_like(weights))
+    draws = torch.multinomial(weights, ABANDON_SAMPLES, replacement=True, generator=sampler)  # (B, s)
+    draws = draws.to(d.device).reshape(*batch, ABANDON_SAMPLES)
+    best = torch.zeros_like(d[..., 0])
+    tiny = torch.finfo(d.dtype).tiny
+    for s in range(ABANDON_SAMPLES):
+        idx = draws[..., s]  # (*batch,)
+        row = _rows(op, idx).to(d.dtype)  # (*batch, n)
+        Li = Lt.gather(-1, idx.view(*idx.shape, 1, 1).expand(*idx.shape, Lt.shape[-2], 1))  # (*batch, j, 1)
+        row = row - (Lt.mT @ Li).squeeze(-1)
+        di = d.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        best = torch.maximum(best, torch.where(di > tiny, row.square().sum(-1) / di.clamp_min(tiny), best))
+    return best
 
 
 def pivoted_cholesky(
@@ -65,11 +86,14 @@ def pivoted_cholesky(
     triangular and ``L L^T = op[:, π] op[π, π]^{-1} op[π, :]`` (the Nyström form).
 
     With ``abandon_above`` (absolute, per batch entry) the factorization gives up and returns ``None``
-    when, at two consecutive checks from step :data:`ABANDON_MIN_STEPS` on, even an optimistic
-    projection of the remainder to ``max_rank`` stays above it for some batch entry: the remainder
-    minus the largest per-column decrease seen so far (over a check window) times the steps left.
-    The projection is optimistic while the per-column decrease falls, as it does once the leading
-    directions are found; requiring two checks guards against the slow first columns.
+    when, at two consecutive checks from step :data:`ABANDON_MIN_STEPS` on, an optimistic projection
+    of the remainder to ``max_rank`` stays above it for the same batch entry: the remainder minus
+    ``rate × steps left``, with ``rate`` the largest trace decrease per column seen so far. Because
+    the greedy order can take isolated points before dense clusters, a projection that says "hopeless"
+    is checked against :data:`ABANDON_SAMPLES` candidate pivots drawn with probability proportional to
+    the residual diagonal. Each candidate's decrease ``‖E_{:,i}‖² / E_ii`` (what choosing it would
+    remove) counts towards ``rate``. It is a heuristic: it can keep a factor that ends short, and give
+    up on one whose decrease would grow later than every sample shows.
     """
     with torch.no_grad():
         n = op.shape[-1]
@@ -82,7 +106,9 @@ def pivoted_cholesky(
         rank = k
         pivots = torch.zeros(*op.batch_shape, k, dtype=torch.long, device=d.device)
         give_up = None if abandon_above is None else torch.as_tensor(abandon_above, dtype=d.dtype, device=d.device)
-        last, rate, was_hopeless = d.sum(-1), torch.zeros_like(d[..., 0]), False
+        last, rate = d.sum(-1), torch.zeros_like(d[..., 0])  # (*batch,)
+        was_hopeless = torch.zeros_like(rate, dtype=torch.bool)
+        sampler = torch.Generator().manual_seed(0)
         for j in range(k):
             piv = d.argmax(-1)  # (*batch,)
             pivots[..., j] = piv
@@ -102,13 +128,17 @@ def pivoted_cholesky(
                 if bool((remainder <= tol).all()):  # one sync per check
                     rank = j + 1
                     break
-                if give_up is not None:
+                if give_up is not None and j + 1 < k:
                     rate = torch.maximum(rate, (last - remainder) / check_every)
                     last = remainder
-                    projected = remainder - rate * (k - j - 1)
-                    hopeless = j + 1 >= ABANDON_MIN_STEPS and bool((projected > give_up).any())
-                    if hopeless and was_hopeless:
-                        return None
+                    hopeless = remainder - rate * (k - j - 1) > give_up  # (*batch,)
+                    if j + 1 >= ABANDON_MIN_STEPS and bool(hopeless.any()):
+                        rate = torch.maximum(rate, _sampled_decrease(op, Lt[..., : j + 1, :], d, sampler))
+                        hopeless = remainder - rate * (k - j - 1) > give_up
+                        if bool((hopeless & was_hopeless).any()):
+                            return None
+                    else:
+                        hopeless = torch.zeros_like(hopeless)
                     was_hopeless = hopeless
         if return_pivots:
             return Lt[..., :rank, :].mT, pivots[..., :rank]

@@ -217,6 +217,7 @@ def mll_and_grad(model: FixedGP, method: str, lanczos_steps: int | None = None) 
                 if hasattr(last, "iterations"):  # a Lanczos call (routed calls carry no iterations)
                     info["iterations"] = int(last.iterations.max())
                     info["preconditioner_rank"] = int(last.preconditioner_rank)
+                    info["preconditioner_kind"] = getattr(last, "preconditioner_kind", "pivoted_cholesky")
                 info["converged"] = bool(last.converged)
         grads = torch.autograd.grad(mll, params)
     return float(mll.detach()), torch.cat([g.reshape(-1) for g in grads]).detach(), info

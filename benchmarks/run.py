@@ -224,6 +224,12 @@ def _fmt(v: object, spec: str = ".2e") -> str:
     return format(v, spec) if isinstance(v, float) else str(v)
 
 
+def _precond(row: dict) -> str:
+    """``rank`` plus ``(nyström)`` when the sketch was used."""
+    rank = _fmt(row.get("preconditioner_rank"))
+    return f"{rank} (nyström)" if row.get("preconditioner_kind") == "nystrom" else rank
+
+
 def markdown(rows: list[dict], header: str) -> str:
     """One markdown table per (dataset, n, noise)."""
     lines = [header, ""]
@@ -247,7 +253,7 @@ def markdown(rows: list[dict], header: str) -> str:
         lines.append(
             f"| {r['method']} | {_fmt(r['time_s'], '.3f')} | {_fmt(r.get('time_ratio_vs_ours'), '.2f')} | "
             f"{_fmt(r.get('mll_rel_err'))} | {_fmt(r.get('grad_rel_err'))} | {_fmt(mem, '.0f')} | "
-            f"{_fmt(r.get('iterations'))} | {_fmt(r.get('preconditioner_rank'))} |"
+            f"{_fmt(r.get('iterations'))} | {_precond(r)} |"
         )
     return "\n".join(lines) + "\n"
 

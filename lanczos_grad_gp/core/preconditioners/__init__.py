@@ -93,7 +93,7 @@ def select_preconditioner(
     Default, for ``K + D`` (diagonal ``D > 0``; the identity for anything else): the greedy
     pivoted-Cholesky split preconditioner, unless ``n > 2 max_rank``, ``max_rank ≥ 64`` and the
     factor is projected to stop at ``max_rank`` with a remainder above ``tr(D)``: then it is abandoned
-    (after at least 32 columns) for the randomized Nyström preconditioner whose rank is chosen by cost
+    (at the earliest after 40 columns) for the randomized Nyström preconditioner whose rank is chosen by cost
     (:func:`.nystrom.adaptive_nystrom_preconditioner`; ``num_columns``: the Lanczos columns it is
     applied to per step). Where the greedy factor meets its trace tolerance, or the variance-reduced
     gradient's regime ``ρ ≤ 1``, it is kept: value and gradient are then (nearly) exact.

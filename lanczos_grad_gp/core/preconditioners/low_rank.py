@@ -103,6 +103,22 @@ class LowRankPlusDiagPreconditioner:
 SplitPreconditioner = LowRankPlusDiagPreconditioner
 
 
+def noise_split(A: LinearOperator) -> tuple[LinearOperator, Tensor] | None:
+    """``(K_θ, d)`` (detached; ``d``: ``(*batch, n)``) for ``A = K_θ + diag(d)`` with ``d > 0``, else ``None``.
+
+    ``None`` also for an empty batch: the split preconditioners then fall back to the identity.
+    """
+    parts = added_diag_parts(A)
+    if parts is None or A.batch_shape.numel() == 0:
+        return None
+    base, diag = parts
+    d = diag.diagonal().detach()
+    d = d.expand(*A.batch_shape, A.shape[-1]) if d.shape[:-1] != A.batch_shape else d
+    if not bool((d > 0).all()):
+        return None
+    return base.detach(), d
+
+
 def identity_preconditioner(A: LinearOperator) -> LowRankPlusDiagPreconditioner:
     """``P = I`` (``C^{-1} = I``, ``log det P = 0``, rank 0)."""
     zero = torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)
@@ -123,18 +139,13 @@ def pivoted_cholesky_preconditioner(
             regime where neither the trace tolerance nor the variance-reduced gradient can be reached
             (:func:`~.pivoted_cholesky.pivoted_cholesky`'s ``abandon_above``).
     """
-    parts = added_diag_parts(A)
-    if parts is None or A.batch_shape.numel() == 0:  # empty batch: nothing to do
-        return identity_preconditioner(A)
-    base, diag = parts
     with torch.no_grad():
-        d = diag.diagonal().detach()  # (*batch, n)
-        d = d.expand(*A.batch_shape, A.shape[-1]) if d.shape[:-1] != A.batch_shape else d
-        if not bool((d > 0).all()):
+        split = noise_split(A)
+        if split is None:
             return identity_preconditioner(A)
+        base, d = split
         inv_sqrt_d = d.rsqrt()
         logdet = d.log().sum(-1)
-        base = base.detach()
         n = A.shape[-1]
         rank = min(max_rank, n)
         if rank == 0:

@@ -33,8 +33,8 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from ..._compat import added_diag_parts, operator_matmul
-from .low_rank import LowRankPlusDiagPreconditioner, identity_preconditioner
+from ..._compat import operator_matmul
+from .low_rank import LowRankPlusDiagPreconditioner, identity_preconditioner, noise_split
 
 #: ``(A, max_rank, trace_tol) -> preconditioner | None`` (as in :mod:`lanczos_grad_gp.core.preconditioners`)
 PreconditionerFactory = Callable[[LinearOperator, int, float], "LowRankPlusDiagPreconditioner | None"]
@@ -45,19 +45,6 @@ __all__ = ["nystrom", "nystrom_preconditioner", "adaptive_nystrom_preconditioner
 STEPS_PER_ROOT_KAPPA = 1.7
 #: first sketch size of :func:`adaptive_nystrom_preconditioner`
 START_RANK = 64
-
-
-def _noise_split(A: LinearOperator) -> tuple[LinearOperator, Tensor] | None:
-    """``(K_θ, d)`` (detached; ``d``: ``(*batch, n)``) for ``A = K_θ + diag(d)`` with ``d > 0``, else ``None``."""
-    parts = added_diag_parts(A)
-    if parts is None or A.batch_shape.numel() == 0:
-        return None
-    base, diag = parts
-    d = diag.diagonal().detach()
-    d = d.expand(*A.batch_shape, A.shape[-1]) if d.shape[:-1] != A.batch_shape else d
-    if not bool((d > 0).all()):
-        return None
-    return base.detach(), d
 
 
 def _gaussian(batch: torch.Size, n: int, r: int, seed: int, like: Tensor) -> Tensor:
@@ -113,7 +100,7 @@ def nystrom_preconditioner(A: LinearOperator, rank: int, *, seed: int = 0) -> Lo
     ``seed`` fixes the sketch ``Ω`` (a preconditioner must not change between calls at the same ``θ``).
     """
     with torch.no_grad():
-        split = _noise_split(A)
+        split = noise_split(A)
         if split is None:
             return identity_preconditioner(A)
         base, d = split
@@ -198,7 +185,7 @@ def adaptive_nystrom_preconditioner(
     are averaged over the ranks, so that all take the same decision. ``start_rank``: ``START_RANK``.
     """
     with torch.no_grad():
-        split = _noise_split(A)
+        split = noise_split(A)
         if split is None:
             return identity_preconditioner(A)
         base, d = split

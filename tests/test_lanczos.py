@@ -183,6 +183,42 @@ def test_stopped_column_is_padded_and_decoupled():
     assert torch.allclose(res.residual_norm[0], alone.residual_norm[0], rtol=1e-13)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stopped_columns_leave_the_products(dtype):
+    """After a check, the operator sees only the columns still running in some batch entry.
+
+    Column 0 stops in both batch entries at the first check; column 1 stops in entry 0 at the second
+    check, which keeps it in the products for entry 1, and in entry 1 at the fourth; column 2 never
+    stops. The products carry 3, then 2, then 1 columns, and the columns still
+    running match their single runs (a stopped column's product is zero, so leaving it out changes
+    nothing but the rounding of a product with fewer columns, ``O(sqrt(n)·eps·‖A‖)`` per step).
+    """
+    n, m = 50, 30
+    A = torch.stack([spd_matrix(n, 80.0, seed=5), spd_matrix(n, 30.0, seed=6)]).to(dtype)  # (2, n, n)
+    v0 = randn(2, n, 3, seed=7, dtype=dtype)
+    widths = []
+
+    def matmul(x):
+        widths.append(x.shape[-1])
+        return A @ x
+
+    def stop(partial):
+        done = torch.zeros(2, 3, dtype=torch.bool)
+        done[:, 0] = True
+        done[0, 1] = partial.num_steps >= 10
+        done[1, 1] = partial.num_steps >= 20
+        return done
+
+    res = lanczos_tridiag(matmul, v0, max_iter=m, stop_fn=stop, check_every=5)
+    assert widths == [3] * 5 + [2] * 15 + [1] * 10
+    assert res.iterations.tolist() == [[5, 10, m], [5, 20, m]]
+    alone = lanczos_tridiag(lambda x: A @ x, v0, max_iter=m)  # every column, all m steps
+    tol = lanczos_tol(dtype, n) * float(torch.linalg.matrix_norm(A, ord=2).max())
+    for b, c, steps in ((0, 2, m), (1, 2, m), (1, 1, 20), (0, 1, 10)):
+        assert torch.allclose(res.alpha[b, c, :steps], alone.alpha[b, c, :steps], rtol=0, atol=100 * tol)
+    assert float(res.basis[0, 1, 10:].abs().max()) == 0.0 and float(res.basis[:, 0, 5:].abs().max()) == 0.0
+
+
 def test_max_iter_is_clipped_to_n_only_with_reorthogonalization():
     A = spd_matrix(8, 5.0, seed=0)
     res = lanczos_tridiag(A.matmul, randn(8, 1, seed=1), max_iter=100, reorthogonalize=True)

@@ -190,8 +190,9 @@ def test_stopped_columns_leave_the_products(dtype):
     Column 0 stops in both batch entries at the first check; column 1 stops in entry 0 at the second
     check, which keeps it in the products for entry 1, and in entry 1 at the fourth; column 2 never
     stops. The products carry 3, then 2, then 1 columns, and the columns still
-    running match their single runs (a stopped column's product is zero, so leaving it out changes
-    nothing but the rounding of a product with fewer columns, ``O(sqrt(n)·eps·‖A‖)`` per step).
+    running match a run of the same columns whose products always carry all three (a stopped column's
+    product is zero, so leaving it out changes nothing but the rounding of a product with fewer columns,
+    ``O(sqrt(n)·eps·‖A‖)`` per step).
     """
     n, m = 50, 30
     A = torch.stack([spd_matrix(n, 80.0, seed=5), spd_matrix(n, 30.0, seed=6)]).to(dtype)  # (2, n, n)

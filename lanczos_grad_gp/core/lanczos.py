@@ -237,12 +237,12 @@ def lanczos_tridiag(
                 q = q * active.unsqueeze(-2)
                 beta_prev = beta_prev * active
             running = active.flatten(end_dim=-2).any(0) if batch else active  # (k,) running in some entry
-            num_running = int(running.sum())  # one host sync per check
-            if num_running == 0:
+            running_idx = running.nonzero().squeeze(-1)  # (k',) its size is this check's one host sync
+            if running_idx.numel() == 0:
                 steps = j + 1
                 break
-            if num_running < (k if live is None else live.numel()):
-                live = running.nonzero().squeeze(-1)
+            if running_idx.numel() < (k if live is None else live.numel()):
+                live = running_idx
     _raise_if_nonfinite(finite)
     return _assemble(basis, alpha, beta, active_hist, start_norm, stopped, broke, steps, resid_vec, scale)
 

@@ -7,7 +7,8 @@ Run from the repository root::
     python -m benchmarks.fit_quality --rows hartmann6-single-5000
 
 For every row the same model class is fitted from the same start (``torch.manual_seed(0)``,
-BoTorch's default priors and transforms) by up to three methods:
+BoTorch's default priors and transforms) by up to three methods (``--methods`` picks a subset;
+without ``cholesky`` the gap and CPU ratio are left out):
 
 * ``cholesky`` — stock GPyTorch/BoTorch with ``max_cholesky_size(10**9)`` (the reference);
 * ``flag`` — ``lgg.settings.use_lanczos_grad()`` with default routing (Cholesky up to
@@ -17,10 +18,13 @@ BoTorch's default priors and transforms) by up to three methods:
 
 Reported per method: the **exact** marginal log likelihood per data point at the fitted
 hyperparameters (a float64 Cholesky evaluation of the fitted model; summed over the outputs of
-multi-output models), its gap to Cholesky's (positive: worse than Cholesky), L-BFGS-B
-``ABNORMAL`` line-search warnings, our ``NumericalWarning``\\ s, optimizer attempts (BoTorch retries
-from prior samples after a failed attempt), the routes taken, and CPU time (``process_time``, all
-threads). Goal: every ``flag`` row within 0.01 nats/point of Cholesky, no ABNORMAL warnings, less
+multi-output models), its gap to Cholesky's (positive: worse than Cholesky), L-BFGS-B ``ABNORMAL``
+line-search warnings, our ``NumericalWarning``\\ s, optimizer attempts (BoTorch retries from prior
+samples after a failed attempt), the routes taken, CPU time (``process_time``, all threads), and
+where the time goes: marginal-likelihood evaluations (calls of
+``ExactMarginalLogLikelihood.forward``: per output for ModelListGP), Lanczos calls, their mean
+Lanczos steps (the longest column of each call) and how many of them stopped unconverged (at the
+step cap). Goal: every ``flag`` row within 0.01 nats/point of Cholesky, no ABNORMAL warnings, less
 CPU than Cholesky from n = 2000 on. Writes ``<out>.json`` and ``<out>.md``.
 """
 
@@ -132,6 +136,10 @@ class FitResult:
     attempts: int
     routes: list[str] = field(default_factory=list)
     gap: float = 0.0
+    evaluations: int = 0
+    lanczos_calls: int = 0
+    mean_lanczos_steps: float = 0.0
+    unconverged_calls: int = 0
 
 
 def method_context(method: str) -> contextlib.ExitStack:
@@ -154,12 +162,27 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str) -> FitRes
         attempts += 1
         return fit_gpytorch_mll_scipy(*args, **kwargs)
 
+    evaluations = 0
+    forward = ExactMarginalLogLikelihood.forward
+
+    def counted_forward(*args, **kwargs):  # GPyTorch's Module.__call__ skips forward hooks
+        nonlocal evaluations
+        evaluations += 1
+        return forward(*args, **kwargs)
+
+    # on the class: BoTorch fits a ModelListGP output by output, with a fresh mll for each
+    ExactMarginalLogLikelihood.forward = counted_forward
     cpu, wall = time.process_time(), time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught, lgg.record_calls() as calls:
-        warnings.simplefilter("always")
-        with method_context(method):
-            fit_gpytorch_mll(mll, optimizer=counting_optimizer)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    try:
+        with warnings.catch_warnings(record=True) as caught, lgg.record_calls() as calls:
+            warnings.simplefilter("always")
+            with method_context(method):
+                fit_gpytorch_mll(mll, optimizer=counting_optimizer)
+    finally:
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        ExactMarginalLogLikelihood.forward = forward
+    lanczos = [c for c in calls if c.route == "lanczos"]
+    steps = [int(c.iterations.max()) for c in lanczos]
     return FitResult(
         method=method,
         exact_mll=exact_mll_per_point(model),
@@ -169,34 +192,52 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str) -> FitRes
         numerical_warnings=sum(issubclass(w.category, lgg.diagnostics.NumericalWarning) for w in caught),
         attempts=attempts,
         routes=sorted({c.route for c in calls}),
+        evaluations=evaluations,
+        lanczos_calls=len(lanczos),
+        mean_lanczos_steps=sum(steps) / max(len(steps), 1),
+        unconverged_calls=sum(not c.converged for c in lanczos),
     )
 
 
-def run_row(name: str, data_dir: Path) -> dict:
+METHODS = ("cholesky", "flag", "lanczos")
+
+
+def run_row(name: str, data_dir: Path, methods: tuple[str, ...] = METHODS) -> dict:
     data, kind, n = ROWS[name]
     X, Y = make_data(data, n, seed=0, data_dir=data_dir)
     threshold = gpytorch.settings.max_cholesky_size.value()
-    methods = ["cholesky", "flag"] + (["lanczos"] if n <= threshold else [])
-    results = [fit_once(kind, X, Y, m) for m in methods]
+    wanted = ["cholesky", "flag"] + (["lanczos"] if n <= threshold else [])  # lanczos: only where it differs
+    results = [fit_once(kind, X, Y, m) for m in wanted if m in methods]
     for r in results:
-        r.gap = results[0].exact_mll - r.exact_mll
+        r.gap = results[0].exact_mll - r.exact_mll if results[0].method == "cholesky" else float("nan")
     return {"row": name, "data": data, "kind": kind, "n": n, "d": X.shape[-1], "results": [asdict(r) for r in results]}
+
+
+def _counts(r: dict) -> str:
+    """The evaluation and Lanczos-call cells (``-`` for results recorded before they were counted)."""
+    if "evaluations" not in r:
+        return "- | -"
+    if not r["lanczos_calls"]:
+        return f"{r['evaluations']} | -"
+    return f"{r['evaluations']} | {r['lanczos_calls']}: {r['mean_lanczos_steps']:.0f}, {r['unconverged_calls']}"
 
 
 def to_markdown(rows: list[dict]) -> str:
     head = (
         "| row | n | method | exact MLL/pt | gap to Cholesky | ABNORMAL | NumericalWarning | attempts | routes "
-        "| CPU s | CPU / Cholesky |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| CPU s | CPU / Cholesky | evaluations | Lanczos calls: mean steps, unconverged |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in rows:
-        ref_cpu = row["results"][0]["cpu_s"]
+        ref = row["results"][0]
+        ref_cpu = ref["cpu_s"] if ref["method"] == "cholesky" else float("nan")
         for r in row["results"]:
             lines.append(
                 f"| {row['row']} | {row['n']} | {r['method']} | {r['exact_mll']:.4f} | {r['gap']:+.4f} "
                 f"| {r['abnormal']} "
                 f"| {r['numerical_warnings']} | {r['attempts']} | {', '.join(r['routes']) or '-'} | {r['cpu_s']:.1f} "
-                f"| {r['cpu_s'] / max(ref_cpu, 1e-9):.2f} |"
+                f"| {r['cpu_s'] / max(ref_cpu, 1e-9):.2f} | {_counts(r)} |"
             )
     return head + "\n".join(lines) + "\n"
 
@@ -205,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="only the rows with n <= 200")
     p.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=None)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "fit_quality")
     args = p.parse_args(argv)
@@ -214,13 +256,15 @@ def main(argv: list[str] | None = None) -> None:
     done = [r for r in done if r["row"] not in names]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; rows: {', '.join(names)}", flush=True)
     for name in names:
-        row = run_row(name, args.data_dir)
+        row = run_row(name, args.data_dir, tuple(args.methods))
         done.append(row)
         for r in row["results"]:
             print(
                 f"{name:28s} {r['method']:9s} exact MLL/pt {r['exact_mll']:9.4f} gap {r['gap']:+.4f} "
                 f"abnormal {r['abnormal']} numwarn {r['numerical_warnings']} attempts {r['attempts']} "
-                f"routes {','.join(r['routes']) or '-'} cpu {r['cpu_s']:.1f}s",
+                f"routes {','.join(r['routes']) or '-'} cpu {r['cpu_s']:.1f}s evaluations {r['evaluations']} "
+                f"lanczos calls {r['lanczos_calls']} (mean steps {r['mean_lanczos_steps']:.0f}, "
+                f"unconverged {r['unconverged_calls']})",
                 flush=True,
             )
         order = {k: i for i, k in enumerate(ROWS)}

@@ -152,12 +152,14 @@ def test_fixed_estimator_is_unbiased_away_from_where_it_was_built():
 
 
 def test_factor_that_meets_its_tolerance_is_rebuilt_in_a_block():
-    """At BO sizes the factor reaches preconditioner_tol (exact up to O(ρ)): nothing is fixed."""
+    """At BO sizes the factor reaches its trace tolerance (exact up to O(ρ)): nothing is fixed, and the call
+    is the one outside a block at the block's tolerance (``deterministic_preconditioner_tol``)."""
     model, mll, x, y = _model(120, 0.05)
     path = _Path(model, mll, x, y)
     with _lanczos(500):
         path.shift(0.2)
-        ref = path.loss_and_slope()
+        with lgg.settings.preconditioner_tol(lgg.settings.deterministic_preconditioner_tol.value()):
+            ref = path.loss_and_slope()
         path.shift(-0.2)
         with lgg.settings.deterministic_objective():
             path.loss_and_slope()
@@ -166,6 +168,29 @@ def test_factor_that_meets_its_tolerance_is_rebuilt_in_a_block():
             path.shift(-0.2)
             assert not lgg.settings.deterministic_objective.value().frozen
     assert scoped == ref
+
+
+def test_a_block_tightens_the_trace_tolerance():
+    """In a block the pivoted Cholesky stops at ``min(preconditioner_tol, deterministic_preconditioner_tol)``.
+
+    A factor that meets its tolerance is rebuilt at every θ, and a change of pivots moves the value by the
+    probe estimate's error, ``≤ √(2/N) · tol`` nats per point of ``log det``: 0.0045 at the default 0.01.
+    """
+    model, mll, x, y = _model(300, 0.05)
+    with _lanczos(500), lgg.record_calls() as calls:
+        mll(model(x), y)
+        with lgg.settings.deterministic_objective():
+            mll(model(x), y)
+            with lgg.settings.preconditioner_tol(1e-6):  # a tighter user tolerance wins
+                mll(model(x), y)
+            with lgg.settings.deterministic_preconditioner_tol(0.01):  # the old behaviour, on request
+                mll(model(x), y)
+    tols = [c.options.preconditioner_tol for c in calls]
+    ranks = [c.preconditioner_rank for c in calls]
+    assert tols == [0.01, 1e-4, 1e-6, 0.01]
+    assert ranks[0] == ranks[3] < ranks[1] < ranks[2] < 300, ranks  # all met their tolerance below full rank
+    with pytest.raises(ValueError, match="deterministic_preconditioner_tol"):
+        lgg.settings.deterministic_preconditioner_tol(-1.0)
 
 
 def test_scope_per_block_thread_local_and_validated():

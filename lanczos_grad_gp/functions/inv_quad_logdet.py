@@ -79,11 +79,20 @@ class GPOptions:
             num_probes=settings.num_probes.value(),
             probe_seed=settings.probe_seed.value(),
             max_preconditioner_size=settings.max_preconditioner_size.value(),
-            preconditioner_tol=settings.preconditioner_tol.value(),
+            preconditioner_tol=_trace_tol(),
             reorthogonalize=settings.reorthogonalize.on(),
             check_every=settings.check_every.value(),
             control_variate=settings.preconditioner_control_variate.on(),
         )
+
+
+def _trace_tol() -> float:
+    """The pivoted Cholesky's trace tolerance: tightened inside a deterministic-objective block (where
+    a factor that meets it is rebuilt at every ``θ``, so the value jumps by up to its estimate's error)."""
+    tol = settings.preconditioner_tol.value()
+    if settings.deterministic_objective.value() is None:
+        return tol
+    return min(tol, settings.deterministic_preconditioner_tol.value())
 
 
 @dataclass(frozen=True)

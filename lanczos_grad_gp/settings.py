@@ -244,31 +244,14 @@ class preconditioner_tol(_thread_local_value):
     @classmethod
     def _validate(cls, value: Any) -> float:
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
-            raise ValueError(f"preconditioner_tol must be a finite float >= 0; got {value!r}.")
+            raise ValueError(f"{cls.__name__} must be a finite float >= 0; got {value!r}.")
         return float(value)
 
 
-class deterministic_preconditioner_tol(_thread_local_value):
-    r"""The pivoted Cholesky's trace tolerance inside a :class:`deterministic_objective` block: there the
-    factor stops at ``min(preconditioner_tol, this) · n · σ²_min``. (Default: 1e-4)
-
-    In a block, a factor that meets its tolerance is rebuilt at every ``θ`` and its pivots may change
-    between two evaluations of a line search. The log-determinant is ``log det P_θ`` (exact) plus the
-    probe estimate of ``log det B``, ``B = C^{-1} K C^{-T}``, and only that estimate's error can jump:
-    its standard deviation is ``√(2/N) ‖log B‖_F ≤ √(2/N) tr(P^{-1} E) ≤ √(2/N) · tol · n`` for
-    ``E = K − L Lᵀ``, i.e. up to ``0.0045`` nats per data point at ``tol = 0.01`` and ``N = 10``
-    probes, the size of the gaps measured at that tolerance (Branin, n = 1000: 0.012 nats/point short
-    of Cholesky's optimum; two-output models at n = 200: 4–5× Cholesky's evaluations). At ``1e-4``
-    the bound is ``4.5e-5``. Where the tighter tolerance is not reached within
-    ``max_preconditioner_size`` the factor is rank-limited, and the block holds it fixed."""
+class deterministic_preconditioner_tol(preconditioner_tol):
+    """``preconditioner_tol`` in a :class:`deterministic_objective` block, where the cap reaches it. (Default: 1e-4)"""
 
     _default = 1e-4
-
-    @classmethod
-    def _validate(cls, value: Any) -> float:
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
-            raise ValueError(f"deterministic_preconditioner_tol must be a finite float >= 0; got {value!r}.")
-        return float(value)
 
 
 class reorthogonalize(_thread_local_flag):
@@ -370,16 +353,9 @@ class preconditioner_control_variate(_thread_local_flag):
 class deterministic_objective(_thread_local_flag):
     r"""One deterministic, smooth objective per block: what L-BFGS's line search assumes.
 
-    In the block, the first Lanczos-route log-determinant call of each covariance key (batch shape,
-    ``n``, dtype, device, options) whose preconditioner is rank-limited (a pivoted-Cholesky factor at its
-    cap, or a Nyström sketch) fixes that ``P_0`` and the probes for later rank-limited calls, and the control
-    variate keeps its value. The value is then an unbiased estimate of ``log det K_θ`` at every ``θ``
-    whose exact gradient (up to the Lanczos tolerance) is the returned gradient; outside a block they
-    belong to different estimators (docs/mathematics.md, "Deterministic objectives"). Factors that
-    meet their trace tolerance, tightened in the block to :class:`deterministic_preconditioner_tol`,
-    are used as built (exact up to ``O(ρ)``). Under the flag BoTorch's
-    L-BFGS runs open a block each (:mod:`lanczos_grad_gp.botorch_hooks`); open one around other
-    line-search optimizers. Each ``with`` opens a new, empty, thread-local scope. (Default: no scope)
+    A rank-limited preconditioner and the probes are held fixed per covariance key, so the value is the function
+    whose gradient is returned (docs/mathematics.md, "Deterministic objectives"); other factors are rebuilt.
+    Under the flag BoTorch's L-BFGS runs open a block each; each ``with`` opens a new scope. (Default: no scope)
     """
 
     @classmethod

@@ -174,7 +174,8 @@ def test_a_block_tightens_the_trace_tolerance():
     """In a block the pivoted Cholesky stops at ``min(preconditioner_tol, deterministic_preconditioner_tol)``.
 
     A factor that meets its tolerance is rebuilt at every θ, and a change of pivots moves the value by the
-    probe estimate's error, ``≤ √(2/N) · tol`` nats per point of ``log det``: 0.0045 at the default 0.01.
+    probe estimate's errors, of standard deviation ``≤ √(2/N) · tol`` per point of ``log det``: 0.0045 at
+    the default 0.01.
     """
     model, mll, x, y = _model(300, 0.05)
     with _lanczos(500), lgg.record_calls() as calls:
@@ -191,6 +192,28 @@ def test_a_block_tightens_the_trace_tolerance():
     assert ranks[0] == ranks[3] < ranks[1] < ranks[2] < 300, ranks  # all met their tolerance below full rank
     with pytest.raises(ValueError, match="deterministic_preconditioner_tol"):
         lgg.settings.deterministic_preconditioner_tol(-1.0)
+
+
+@pytest.mark.parametrize("cap,rank,fixed", [(500, 208, False), (160, 120, False), (60, 60, True)])
+def test_a_tighter_tolerance_only_where_the_cap_reaches_it(cap, rank, fixed):
+    """The block's tighter tolerance is used where it is reached within the cap; otherwise the factor is
+    the one outside a block (cut back to where ``preconditioner_tol`` stops it), and it is fixed exactly
+    when it misses ``preconditioner_tol`` at its cap.
+
+    This covariance needs rank 120 for 0.01 and 208 for 1e-4 (n = 300). Tightening where the cap cannot
+    reach the tolerance made fits that cross the regimes slower (elevators, n = 1000, Lanczos forced: 2.5–2.8×
+    the evaluations and 3–4× the CPU, in two runs of two variants).
+    """
+    model, mll, x, y = _model(300, 0.05)
+    with _lanczos(cap), lgg.record_calls() as calls:
+        outside = float(mll(model(x), y).detach())
+        with lgg.settings.deterministic_objective():
+            inside = float(mll(model(x), y).detach())
+            frozen = dict(lgg.settings.deterministic_objective.value().frozen)
+    assert calls[1].preconditioner_rank == rank, [c.preconditioner_rank for c in calls]
+    assert bool(frozen) is fixed and calls[1].fixed_preconditioner is fixed
+    if rank < 208 and not fixed:  # the factor outside the block, unchanged: the same value
+        assert calls[0].preconditioner_rank == rank and inside == outside
 
 
 def test_scope_per_block_thread_local_and_validated():

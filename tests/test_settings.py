@@ -31,6 +31,7 @@ VALUE_SETTINGS = [
     S.probe_seed,
     S.max_preconditioner_size,
     S.preconditioner_tol,
+    S.deterministic_preconditioner_tol,
     S.check_every,
 ]
 FLAGS = [S.use_lanczos_grad, S.reorthogonalize]
@@ -57,6 +58,10 @@ BAD_VALUES = [
     (S.preconditioner_tol, -0.1),
     (S.preconditioner_tol, float("inf")),
     (S.preconditioner_tol, float("nan")),
+    (S.deterministic_preconditioner_tol, -1e-4),
+    (S.deterministic_preconditioner_tol, float("inf")),
+    (S.deterministic_preconditioner_tol, float("nan")),
+    (S.deterministic_preconditioner_tol, True),
     (S.check_every, 0),
     (S.check_every, None),
     (S.use_lanczos_grad, 1),

@@ -45,6 +45,7 @@ from ..core.preconditioners import Preconditioner, select_preconditioner
 from ..core.preconditioners.control_variate import control_variate_term
 from ..core.probes import gp_probes, unit_probes
 from ..diagnostics import record, record_calls, warn_not_converged
+from .block_rules import rank_limited, trace_tol_in_force
 from .forward_only import GradientPayload, attach_forward_only_gradient, flatten_factors
 from .validation import broadcast_rhs, check_operator
 
@@ -69,7 +70,9 @@ class GPOptions:
     control_variate: bool = True
 
     @staticmethod
-    def from_settings(dtype: torch.dtype) -> GPOptions:
+    def from_settings(dtype: torch.dtype, estimates_logdet: bool = True) -> GPOptions:
+        """The options in force; ``estimates_logdet``: the call estimates a log-determinant with probes
+        (only then does a deterministic-objective block tighten the trace tolerance)."""
         tol = settings.lanczos_tol.value()
         if tol is None:
             tol = 1e-4 if dtype == torch.float64 else 1e-3
@@ -79,20 +82,11 @@ class GPOptions:
             num_probes=settings.num_probes.value(),
             probe_seed=settings.probe_seed.value(),
             max_preconditioner_size=settings.max_preconditioner_size.value(),
-            preconditioner_tol=_trace_tol(),
+            preconditioner_tol=trace_tol_in_force(estimates_logdet),
             reorthogonalize=settings.reorthogonalize.on(),
             check_every=settings.check_every.value(),
             control_variate=settings.preconditioner_control_variate.on(),
         )
-
-
-def _trace_tol() -> float:
-    """The pivoted Cholesky's trace tolerance: tightened inside a deterministic-objective block (where
-    a factor that meets it is rebuilt at every ``θ``, so the value jumps by up to its estimate's error)."""
-    tol = settings.preconditioner_tol.value()
-    if settings.deterministic_objective.value() is None:
-        return tol
-    return min(tol, settings.deterministic_preconditioner_tol.value())
 
 
 @dataclass(frozen=True)
@@ -154,17 +148,6 @@ class _FrozenParts:
     probes: Tensor  # (*batch, n, N)
 
 
-def _rank_limited(precond: Preconditioner, max_rank: int, n: int) -> bool:
-    """Whether the factor stopped at its rank cap short of ``n`` (so the log-determinant is a genuine estimate).
-
-    A factor that stopped earlier met its trace tolerance (``B ≈ I``: exact up to ``O(ρ)`` at every ``θ``);
-    a full-rank one is exact. Preconditioners without a pivoted-Cholesky factor count as rank-limited.
-    """
-    if getattr(precond, "factor", None) is None:
-        return not (precond.rank == 0 and max_rank == 0)  # max_preconditioner_size 0: identity, nothing to fix
-    return max_rank <= precond.rank < n
-
-
 def _preconditioned_matmul(A: LinearOperator, precond: Preconditioner, x: Tensor) -> Tensor:
     """``B x = C^{-1} K C^{-T} x``."""
     return precond.inv_root(operator_matmul(A, precond.inv_root_t(x)))
@@ -190,13 +173,15 @@ def _forward(
             trace_tol=options.preconditioner_tol,
             override=settings.preconditioner_override.value(),
             num_columns=t + (options.num_probes if want_logdet and not exact_trace else 0),
+            fallback_tol=settings.preconditioner_tol.value(),  # a block's tighter tolerance only where reachable
         )
     # In a deterministic-objective scope a rank-limited factor is replaced by the key's fixed one (the
     # first rank-limited factor of the scope, stored below with the probes); a factor that meets its
     # trace tolerance is used as built: the estimate is then exact up to O(ρ), hence consistent.
     frozen: _FrozenParts | None = None
     fix_now = False
-    if scope is not None and _rank_limited(precond, options.max_preconditioner_size, n):
+    regime_tol = settings.preconditioner_tol.value()  # which factors a block fixes: decided as outside it
+    if scope is not None and rank_limited(precond, options.max_preconditioner_size, n, regime_tol):
         frozen = scope.frozen.get(key)
         if frozen is None:
             fix_now = True
@@ -396,7 +381,7 @@ def inv_quad_logdet(
     if rhs is not None and rhs.shape[-1] == 0 and not logdet:  # no columns: nothing to compute (as stock)
         empty = rhs.new_zeros(rhs.shape[:-2] if reduce_inv_quad else (*rhs.shape[:-2], 0))
         return empty, torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)
-    options = GPOptions.from_settings(A.dtype)
+    options = GPOptions.from_settings(A.dtype, estimates_logdet=logdet and A.shape[-1] > settings.num_probes.value())
     inv_quad, ld, info = _forward_with_jitter(A, rhs, logdet, options)
     record(info)
     _warn_if_not_converged(info)

@@ -87,6 +87,7 @@ def select_preconditioner(
     trace_tol: float,
     override: PreconditionerFactory | None = None,
     num_columns: int = 11,
+    fallback_tol: float | None = None,
 ) -> Preconditioner:
     """The preconditioner for ``A``: the override's, when it returns one, else the default.
 
@@ -97,6 +98,8 @@ def select_preconditioner(
     (:func:`.nystrom.adaptive_nystrom_preconditioner`; ``num_columns``: the Lanczos columns it is
     applied to per step). Where the greedy factor meets its trace tolerance, or the variance-reduced
     gradient's regime ``ρ ≤ 1``, it is kept: value and gradient are then (nearly) exact.
+    ``fallback_tol``: where ``trace_tol`` is not reached within ``max_rank``, the greedy factor is cut
+    to where ``fallback_tol`` would have stopped it (:func:`.low_rank.pivoted_cholesky_preconditioner`).
     """
     if override is not None:
         chosen = override(A, max_rank, trace_tol)
@@ -109,10 +112,10 @@ def select_preconditioner(
             return chosen
     n = A.shape[-1]
     if max_rank >= AUTO_MIN_RANK and n > 2 * max_rank:
-        greedy = pivoted_cholesky_preconditioner(A, max_rank, trace_tol, abandon_short=True)
+        greedy = pivoted_cholesky_preconditioner(A, max_rank, trace_tol, abandon_short=True, fallback_tol=fallback_tol)
         if greedy is not None:
             return greedy
         sketched = adaptive_nystrom_preconditioner(A, max_rank, num_columns=num_columns)
         if sketched is not None:
             return sketched
-    return pivoted_cholesky_preconditioner(A, max_rank, trace_tol)
+    return pivoted_cholesky_preconditioner(A, max_rank, trace_tol, fallback_tol=fallback_tol)

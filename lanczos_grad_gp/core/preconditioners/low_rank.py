@@ -119,6 +119,24 @@ def noise_split(A: LinearOperator) -> tuple[LinearOperator, Tensor] | None:
     return base.detach(), d
 
 
+def _fallback_rank(diag: Tensor, L: Tensor, tight: Tensor, loose: Tensor, check_every: int = 8) -> int:
+    """Rank at which the pivoted Cholesky with the ``loose`` error tolerance would have stopped, given the
+    factor ``L`` (``(*batch, n, k)``) it built towards ``tight``; ``k`` if ``tight`` or no ``loose`` check is met.
+
+    The factorization checks ``tr(K − L_{:j} L_{:j}ᵀ) ≤ tol`` (for every batch entry) after every
+    ``check_every`` columns and at ``k``; the remainder after ``j`` columns is ``tr(K) − Σ_{i ≤ j} ‖L_i‖²``.
+    """
+    k = L.shape[-1]
+    remainder = diag.sum(-1, keepdim=True) - L.square().sum(-2).cumsum(-1)  # (*batch, k) after j + 1 columns
+    if k < check_every or bool((remainder[..., -1] <= tight).all()):  # no check before k, or tight met
+        return k
+    checks = torch.arange(check_every, k + 1, check_every, device=L.device)  # (c,) ranks at the checks
+    met = remainder.index_select(-1, checks - 1) <= loose.unsqueeze(-1)  # (*batch, c)
+    met = met.reshape(-1, met.shape[-1]).all(0)  # (c,) met in every batch entry
+    first = met.nonzero()
+    return int(checks[first[0, 0]]) if first.numel() else k
+
+
 def identity_preconditioner(A: LinearOperator) -> LowRankPlusDiagPreconditioner:
     """``P = I`` (``C^{-1} = I``, ``log det P = 0``, rank 0)."""
     zero = torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)
@@ -126,7 +144,12 @@ def identity_preconditioner(A: LinearOperator) -> LowRankPlusDiagPreconditioner:
 
 
 def pivoted_cholesky_preconditioner(
-    A: LinearOperator, max_rank: int, trace_tol: float, *, abandon_short: bool = False
+    A: LinearOperator,
+    max_rank: int,
+    trace_tol: float,
+    *,
+    abandon_short: bool = False,
+    fallback_tol: float | None = None,
 ) -> LowRankPlusDiagPreconditioner | None:
     """Build the split preconditioner of ``A`` (identity unless ``A = K + D`` with diagonal ``D``).
 
@@ -138,6 +161,10 @@ def pivoted_cholesky_preconditioner(
             a remainder ratio ``ρ = tr(K − L Lᵀ) / tr(D) > 1`` (and above the trace tolerance): the
             regime where neither the trace tolerance nor the variance-reduced gradient can be reached
             (:func:`~.pivoted_cholesky.pivoted_cholesky`'s ``abandon_above``).
+        fallback_tol: a looser tolerance to fall back to when ``trace_tol`` is not reached within
+            ``max_rank``: the factor is then cut to the rank at which the factorization run with
+            ``fallback_tol`` would have stopped (the greedy order makes it the leading columns), so a
+            tolerance tightened where it can be reached changes nothing where it cannot.
     """
     with torch.no_grad():
         split = noise_split(A)
@@ -167,6 +194,9 @@ def pivoted_cholesky_preconditioner(
         if k_ok == 0:
             return LowRankPlusDiagPreconditioner(inv_sqrt_d, None, None, logdet, 0)
         L, pivots = L[..., :k_ok], pivots[..., :k_ok]
+        if fallback_tol is not None and fallback_tol > trace_tol and k_ok == rank < n:
+            k_fb = _fallback_rank(base.diagonal(), L, trace_tol * n * d.amin(-1), fallback_tol * n * d.amin(-1))
+            L, pivots = L[..., :k_fb], pivots[..., :k_fb]
         remainder = (base.diagonal() - L.square().sum(-1)).clamp_min(0).sum(-1)  # (*batch) tr(K - L L^T)
         remainder_ratio = remainder / d.sum(-1)
         M = L * inv_sqrt_d.unsqueeze(-1)  # (*batch, n, k)

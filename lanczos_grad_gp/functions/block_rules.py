@@ -17,23 +17,14 @@ def trace_tol_in_force(estimates_logdet: bool) -> float:
     return min(tol, settings.deterministic_preconditioner_tol.value())
 
 
-def rank_limited(precond: Preconditioner, max_rank: int, n: int, regime_tol: float) -> bool:
-    """Whether the factor stopped at its rank cap short of ``n`` without meeting ``regime_tol`` (so the
-    log-determinant is a genuine estimate).
+def rank_limited(precond: Preconditioner, max_rank: int, n: int) -> bool:
+    """Whether the factor stopped at its rank cap short of ``n`` (so the log-determinant is a genuine estimate).
 
     A factor that stopped earlier met its trace tolerance (``B ≈ I``: exact up to ``O(ρ)`` at every ``θ``);
-    a full-rank one is exact. A factor at its cap whose remainder meets ``regime_tol`` (``preconditioner_tol``,
-    while it was built to a block's tighter one) is of the first kind too: the block decides which factors
-    it fixes by ``preconditioner_tol``, as outside a block, and the tighter tolerance only makes the
-    factors it rebuilds more accurate. Preconditioners without a pivoted-Cholesky factor count as
-    rank-limited.
+    a full-rank one is exact. Where a block's tighter tolerance is out of the cap's reach the factor is cut
+    back to the one outside the block (``fallback_tol``), so this decides as outside it. Preconditioners
+    without a pivoted-Cholesky factor count as rank-limited.
     """
     if getattr(precond, "factor", None) is None:
         return not (precond.rank == 0 and max_rank == 0)  # max_preconditioner_size 0: identity, nothing to fix
-    if not max_rank <= precond.rank < n:
-        return False
-    if precond.remainder_ratio is None or precond.inv_sqrt_diag is None:
-        return True
-    d = precond.inv_sqrt_diag.square().reciprocal()  # (*batch, n) the noise diagonal D
-    met = precond.remainder_ratio * d.sum(-1) <= regime_tol * n * d.amin(-1)  # (*batch) tr(K − LLᵀ) ≤ tol n σ²_min
-    return not bool(met.all())  # one host sync per call, outside the Lanczos loop
+    return max_rank <= precond.rank < n

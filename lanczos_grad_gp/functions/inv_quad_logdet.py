@@ -180,8 +180,7 @@ def _forward(
     # trace tolerance is used as built: the estimate is then exact up to O(ρ), hence consistent.
     frozen: _FrozenParts | None = None
     fix_now = False
-    regime_tol = settings.preconditioner_tol.value()  # which factors a block fixes: decided as outside it
-    if scope is not None and rank_limited(precond, options.max_preconditioner_size, n, regime_tol):
+    if scope is not None and rank_limited(precond, options.max_preconditioner_size, n):
         frozen = scope.frozen.get(key)
         if frozen is None:
             fix_now = True

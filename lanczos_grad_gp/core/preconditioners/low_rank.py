@@ -31,7 +31,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ..._compat import added_diag_parts
-from .pivoted_cholesky import pivoted_cholesky
+from .pivoted_cholesky import CHECK_EVERY, pivoted_cholesky
 
 __all__ = ["LowRankPlusDiagPreconditioner", "SplitPreconditioner", "pivoted_cholesky_preconditioner"]
 
@@ -119,7 +119,7 @@ def noise_split(A: LinearOperator) -> tuple[LinearOperator, Tensor] | None:
     return base.detach(), d
 
 
-def _fallback_rank(diag: Tensor, L: Tensor, tight: Tensor, loose: Tensor, check_every: int = 8) -> int:
+def _fallback_rank(diag: Tensor, L: Tensor, tight: Tensor, loose: Tensor, check_every: int = CHECK_EVERY) -> int:
     """Rank at which the pivoted Cholesky with the ``loose`` error tolerance would have stopped, given the
     factor ``L`` (``(*batch, n, k)``) it built towards ``tight``; ``k`` if ``tight`` or no ``loose`` check is met.
 

@@ -28,6 +28,8 @@ from ..._compat import get_entries
 __all__ = ["pivoted_cholesky", "ABANDON_MIN_STEPS", "ABANDON_SAMPLES"]
 
 #: the first step at which :func:`pivoted_cholesky` may abandon a factor that cannot reach ``abandon_above``
+#: columns between the stopping-rule checks
+CHECK_EVERY = 8
 ABANDON_MIN_STEPS = 32
 #: candidate pivots sampled when a projection says "hopeless" (:func:`pivoted_cholesky`'s ``abandon_above``)
 ABANDON_SAMPLES = 8
@@ -72,7 +74,7 @@ def pivoted_cholesky(
     op: LinearOperator,
     max_rank: int,
     error_tol: Tensor | float = 0.0,
-    check_every: int = 8,
+    check_every: int = CHECK_EVERY,
     *,
     return_pivots: bool = False,
     abandon_above: Tensor | float | None = None,

@@ -12,9 +12,11 @@ A preconditioner fixed at the start point can suit the end point badly (a fit ty
 the noise by orders of magnitude): the estimate's variance grows away from where it was built, and
 the run ends on the optimum of a noisier estimate. So after each run the estimator is rebuilt at the
 end point (a new scope: new preconditioner, same probes) and evaluated once; if that value differs
-from the run's final value by more than :data:`REBUILD_TOL`, the run is repeated from there, at most
-:data:`MAX_RUNS` runs in all. A preconditioner built at ``θ`` makes the estimate exact at ``θ`` up to ``O(ρ)`` when
-it meets its trace tolerance, and reruns only happen after runs that held a rank-limited one fixed;
+from the run's final value by more than :data:`REBUILD_TOL`, or the run replaced a held factor (one that
+left a call unconverged: the run's objective changed there, and L-BFGS's curvature pairs mix the two
+estimators), the run is repeated from there, at most :data:`MAX_RUNS` runs in all. A preconditioner
+built at ``θ`` makes the estimate exact at ``θ`` up to ``O(ρ)`` when it meets its trace tolerance, and
+reruns only happen after runs that held a rank-limited one fixed;
 their estimator is then built near the optimum, where its spread is smallest. Each run is one
 deterministic objective, which is what the line search needs. Reruns never follow a run that
 stopped on ``maxiter``, a timeout or a callback, and share the caller's ``timeout_sec``.
@@ -87,6 +89,11 @@ def _fixed_parts_used() -> bool:
     return settings.deterministic_objective.value().calls > 0
 
 
+def _factor_replaced() -> bool:
+    """Whether the open block replaced a held factor that left a call unconverged (the run's objective changed)."""
+    return settings.deterministic_objective.value().refreshed > 0
+
+
 def _rerun_failed(error: BaseException) -> None:
     warnings.warn(
         f"lanczos_grad_gp: a rerun of BoTorch's L-BFGS with the estimator rebuilt at the previous run's end "
@@ -146,15 +153,15 @@ _Rerun = tuple[Callable[[], Any], Any, Callable[[], Any], Callable[[], None]]
 def _repeat_runs(first: Callable[[], Any], next_run: Callable[[Any], _Rerun | None]) -> Any:
     """Run ``first`` in a fresh block, then rerun (at most :data:`MAX_RUNS` runs in all) while it held parts
     fixed, ``next_run(result)`` plans a rerun (``None``: the run was stopped, or no time is left) and the
-    rebuilt estimator's value moved (:func:`_rerun_if_moved`)."""
+    rebuilt estimator's value moved or the run replaced a held factor (:func:`_rerun_if_moved`)."""
     with settings.deterministic_objective():
         result = first()
-        rerun = _fixed_parts_used()
+        rerun, changed = _fixed_parts_used(), _factor_replaced()
     for _ in range(MAX_RUNS - 1):
         plan = next_run(result) if rerun else None
         if plan is None:
             return result
-        new, rerun = _rerun_if_moved(*plan)
+        new, rerun, changed = _rerun_if_moved(*plan, always=changed)
         if new is None:
             return result
         result = new
@@ -162,24 +169,30 @@ def _repeat_runs(first: Callable[[], Any], next_run: Callable[[Any], _Rerun | No
 
 
 def _rerun_if_moved(
-    evaluate: Callable[[], Any], old: Any, run_again: Callable[[], Any], restore: Callable[[], None]
-) -> tuple[Any, bool]:
-    """In a fresh block: the rebuilt estimator's value at the end point; rerun when it moved from ``old``.
+    evaluate: Callable[[], Any],
+    old: Any,
+    run_again: Callable[[], Any],
+    restore: Callable[[], None],
+    always: bool = False,
+) -> tuple[Any, bool, bool]:
+    """In a fresh block: the rebuilt estimator's value at the end point; rerun when it moved from ``old``,
+    or ``always`` (the previous run's objective changed: L-BFGS's curvature pairs mixed two estimators).
 
-    Returns ``(new result, whether the rerun held parts fixed)``, or ``(None, False)``: no rerun (the value
-    did not move or is not finite), or the check / rerun raised (``restore()`` puts the end point back, warned).
+    Returns ``(new result, whether the rerun held parts fixed, whether it replaced a held factor)``, or
+    ``(None, False, False)``: no rerun (the value did not move or is not finite), or the check / rerun raised
+    (``restore()`` puts the end point back, warned).
     """
     with settings.deterministic_objective():
         try:
             values = np.asarray(evaluate(), dtype=float)
-            if not np.all(np.isfinite(values)) or not _moved(values, old):
-                return None, False
+            if not np.all(np.isfinite(values)) or not (always or _moved(values, old)):
+                return None, False, False
             new = run_again()
         except Exception as error:  # our rerun, not the caller's run: keep the good result
             restore()
             _rerun_failed(error)
-            return None, False
-        return new, _fixed_parts_used()
+            return None, False, False
+        return new, _fixed_parts_used(), _factor_replaced()
 
 
 def _closure_value(closure: Any) -> float:

@@ -2,7 +2,8 @@
 
 A scope maps each covariance key (batch shape, ``n``, dtype, device, options, preconditioner
 override) to the parts the GP routine holds fixed within the block: the preconditioner and the
-probes of the key's first call. It also counts the calls that used it.
+probes of the key's first call (its factor replaced by a fresh one where it left a call unconverged).
+It also counts the calls that used the fixed parts and the replacements.
 """
 
 from __future__ import annotations
@@ -18,4 +19,5 @@ class ObjectiveScope:
     """Fixed parts by covariance key (the mutable state of one block)."""
 
     frozen: dict[Any, Any] = field(default_factory=dict)
-    calls: int = 0
+    calls: int = 0  # calls that used fixed parts
+    refreshed: int = 0  # held factors replaced by the one built at a call they left unconverged

@@ -119,6 +119,9 @@ class InvQuadLogdetInfo:
         jitter: the diagonal jitter added after Lanczos found ``A`` numerically not positive definite
             (0: none), following GPyTorch's ``psd_safe_cholesky`` (``cholesky_jitter``, ×10 per try,
             ``cholesky_max_tries``), with a ``NumericalWarning``.
+        preconditioner_refreshed: in a block, the held factor (built at another ``θ``) left this call
+            unconverged, so the call was repeated with the factor built at this ``θ``, which the block
+            holds from then on (same probes); ``iterations`` and residuals are the repeated run's.
     """
 
     n: int
@@ -138,6 +141,7 @@ class InvQuadLogdetInfo:
     jitter: float = 0.0
     fixed_preconditioner: bool = False
     preconditioner_kind: str = "pivoted_cholesky"
+    preconditioner_refreshed: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,10 +162,6 @@ def _forward(
 ) -> tuple[Tensor, Tensor, InvQuadLogdetInfo]:
     """Values (with forward-only gradients attached) and diagnostics of one call."""
     n, batch, dtype, device = A.shape[-1], A.batch_shape, A.dtype, A.device
-    matrix_args = A.representation()
-    grad_on = torch.is_grad_enabled()
-    want_matrix = grad_on and any(t.requires_grad for t in matrix_args)
-    want_rhs = grad_on and rhs is not None and rhs.requires_grad
     t = 0 if rhs is None else rhs.shape[-1]
     exact_trace = want_logdet and n <= options.num_probes
     scope = settings.deterministic_objective.value() if want_logdet and not exact_trace else None
@@ -176,16 +176,46 @@ def _forward(
             fallback_tol=settings.preconditioner_tol.value(),  # a block's tighter tolerance only where reachable
         )
     # In a deterministic-objective scope a rank-limited factor is replaced by the key's fixed one (the
-    # first rank-limited factor of the scope, stored below with the probes); a factor that meets its
-    # trace tolerance is used as built: the estimate is then exact up to O(ρ), hence consistent.
+    # first rank-limited factor of the scope, stored with the probes, or the factor that replaced it); a
+    # factor that meets its trace tolerance is used as built: exact up to O(ρ), hence consistent.
     frozen: _FrozenParts | None = None
-    fix_now = False
+    built = precond
     if scope is not None and rank_limited(precond, options.max_preconditioner_size, n):
         frozen = scope.frozen.get(key)
         if frozen is None:
-            fix_now = True
-        else:
-            precond = frozen.precond
+            z = gp_probes(batch, n, options.num_probes, seed=options.probe_seed, dtype=dtype, device=device)
+            frozen = scope.frozen[key] = _FrozenParts(precond, z)
+        precond = frozen.precond
+    inv_quad, logdet, info = _compute(A, rhs, want_logdet, options, precond, frozen)
+    if frozen is not None:
+        scope.calls += 1
+        if not info.converged and frozen.precond is not built:
+            # The held factor was built at another θ and no longer preconditions this covariance: its
+            # truncated estimate is biased (a line search would follow it), so the factor built here
+            # replaces it, with the same probes, for this call and the rest of the block.
+            scope.frozen[key] = frozen = _FrozenParts(built, frozen.probes)
+            scope.refreshed += 1
+            inv_quad, logdet, info = _compute(A, rhs, want_logdet, options, built, frozen)
+            info = replace(info, preconditioner_refreshed=True)
+    return inv_quad, logdet, info
+
+
+def _compute(
+    A: LinearOperator,
+    rhs: Tensor | None,
+    want_logdet: bool,
+    options: GPOptions,
+    precond: Preconditioner,
+    frozen: _FrozenParts | None,
+) -> tuple[Tensor, Tensor, InvQuadLogdetInfo]:
+    """One Lanczos run with ``precond`` (and the probes of ``frozen``: parts a block holds fixed, if any)."""
+    n, batch, dtype, device = A.shape[-1], A.batch_shape, A.dtype, A.device
+    matrix_args = A.representation()
+    grad_on = torch.is_grad_enabled()
+    want_matrix = grad_on and any(t.requires_grad for t in matrix_args)
+    want_rhs = grad_on and rhs is not None and rhs.requires_grad
+    t = 0 if rhs is None else rhs.shape[-1]
+    exact_trace = want_logdet and n <= options.num_probes
     groups, starts = [], []
     if t:
         starts.append(precond.inv_root(rhs))  # w = C^{-1} r: autograd maps ∂/∂w back to r
@@ -198,8 +228,6 @@ def _forward(
             z = frozen.probes
         else:
             z = gp_probes(batch, n, options.num_probes, seed=options.probe_seed, dtype=dtype, device=device)
-            if fix_now:
-                scope.frozen[key] = _FrozenParts(precond, z)
         num = z.shape[-1]
         starts.append(z)
         groups.append(ColumnGroup(_LOG, num))
@@ -238,7 +266,7 @@ def _forward(
         per_probe = values[..., t:]  # (*batch, N)
         weight = 1.0 if exact_trace else 1.0 / num
         logdet = precond.logdet.to(dtype) + weight * per_probe.sum(-1)
-        fixed = frozen is not None or fix_now
+        fixed = frozen is not None
         if (want_matrix or fixed) and not exact_trace and options.control_variate:
             # with P held fixed (deterministic-objective block) the term keeps its value H(θ) = tr(G M(θ)),
             # with or without gradients: zero where P was built, zero in expectation everywhere, so the
@@ -255,8 +283,6 @@ def _forward(
             se = torch.full(batch, float("nan"), dtype=dtype, device=device)
     d = result.diagnostics
     converged = bool(d.converged.all())
-    if frozen is not None or fix_now:
-        scope.calls += 1
     info = InvQuadLogdetInfo(
         n=n,
         batch_shape=batch,
@@ -272,7 +298,7 @@ def _forward(
         options=options,
         attainable=bool(d.floor_ok.all()),
         variance_reduced=want_logdet and (exact_trace or variance_reduced),
-        fixed_preconditioner=frozen is not None or fix_now,
+        fixed_preconditioner=frozen is not None,
     )
     return inv_quad, logdet, info
 

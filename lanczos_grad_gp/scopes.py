@@ -21,3 +21,4 @@ class ObjectiveScope:
     frozen: dict[Any, Any] = field(default_factory=dict)
     calls: int = 0  # calls that used fixed parts
     refreshed: int = 0  # held factors replaced by the one built at a call they left unconverged
+    refresh_attempts: int = 0  # repeats with a fresh factor (kept or not)

@@ -249,11 +249,71 @@ def test_a_held_factor_that_leaves_a_call_unconverged_is_replaced():
     assert stale_steps > 60 and not calls[1].preconditioner_refreshed, stale_steps  # the cap is what it hits
     assert [c.preconditioner_refreshed for c in calls[2:]] == [False, True, False, False]
     assert all(c.fixed_preconditioner and c.converged for c in calls[2:]), [c.converged for c in calls]
-    assert scope.refreshed == 1 and scope.calls == 3
-    assert int(calls[3].iterations.max()) <= 60
+    assert scope.refreshed == scope.refresh_attempts == 1 and scope.calls == 3
+    assert int(calls[3].iterations.max()) <= 60 and calls[3].discarded_iterations == 60  # the capped run
+    assert calls[4].discarded_iterations == 0
     assert refreshed == again == fresh  # the factor built at θ₁, with the block's probes
     exact = float(torch.logdet(covariance(0.05).to_dense()))
     assert abs(refreshed - exact) <= 4 * float(calls[3].logdet_standard_error), (refreshed, exact)
+
+
+def _stale_covariance(n: int = 300):
+    """``K(lengthscale) + 1e-3 I`` over fixed points, the lengthscale a trainable parameter."""
+    x, y = make_data(n, d=3, seed=2)
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double()
+
+    def covariance(lengthscale: float):
+        with torch.no_grad():
+            kernel.base_kernel.lengthscale = lengthscale
+        return kernel(x).evaluate_kernel().add_diagonal(torch.tensor(1e-3, dtype=F64))
+
+    return covariance, kernel, y.unsqueeze(-1)
+
+
+def test_a_replaced_factor_gives_the_fresh_blocks_value_and_gradient():
+    """With a right-hand side and gradients: after the replacement the call is the one a block opened at
+    ``θ₁`` makes (same factor, same probes; the control variate's value zero where its factor was built)."""
+    covariance, kernel, rhs = _stale_covariance()
+    params = list(kernel.parameters())
+
+    def value_and_grad():
+        inv_quad, logdet = lgg.inv_quad_logdet(covariance(0.05), rhs, logdet=True)
+        total = inv_quad + logdet
+        return float(total), [g.clone() for g in torch.autograd.grad(total, params)]
+
+    with _lanczos(10, tol=1e-6), lgg.settings.max_lanczos_iter(60), lgg.record_calls() as calls:
+        with lgg.settings.deterministic_objective():
+            with torch.no_grad():
+                lgg.inv_quad_logdet(covariance(1.0), rhs, logdet=True)
+            replaced = value_and_grad()
+        with lgg.settings.deterministic_objective():
+            fresh = value_and_grad()
+    assert calls[1].preconditioner_refreshed and calls[1].converged
+    assert replaced[0] == fresh[0]
+    for a, b in zip(replaced[1], fresh[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_no_replacement_where_the_fresh_factor_does_not_converge_either():
+    """A cap no factor of rank 10 reaches (15 steps): the repeat with the fresh factor is thrown away and the
+    block keeps its factor and its objective (the held value, unconverged and warned); the attempts are
+    bounded by ``MAX_REFRESH_ATTEMPTS``."""
+    from lanczos_grad_gp.functions import inv_quad_logdet as iql_function
+
+    iql = sys.modules[iql_function.__module__]
+    covariance, _, _ = _stale_covariance()
+    with _lanczos(10, tol=1e-6), lgg.settings.max_lanczos_iter(15), lgg.record_calls() as calls:
+        with lgg.settings.deterministic_objective():
+            with pytest.warns(lgg.diagnostics.NumericalWarning):
+                first = float(lgg.inv_quad_logdet(covariance(0.05), logdet=True)[1])
+                again = float(lgg.inv_quad_logdet(covariance(0.05), logdet=True)[1])
+                for _ in range(iql.MAX_REFRESH_ATTEMPTS + 2):
+                    lgg.inv_quad_logdet(covariance(0.05), logdet=True)
+            scope = lgg.settings.deterministic_objective.value()
+    assert first == again  # one function: the held factor's value, not the fresh repeat's
+    assert not any(c.preconditioner_refreshed or c.converged for c in calls)
+    assert scope.refreshed == 0 and scope.refresh_attempts == iql.MAX_REFRESH_ATTEMPTS
+    assert calls[1].discarded_iterations == 15 and calls[-1].discarded_iterations == 0  # attempts ran out
 
 
 def test_scope_per_block_thread_local_and_validated():

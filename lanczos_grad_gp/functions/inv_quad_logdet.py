@@ -122,6 +122,9 @@ class InvQuadLogdetInfo:
         preconditioner_refreshed: in a block, the held factor (built at another ``θ``) left this call
             unconverged, so the call was repeated with the factor built at this ``θ``, which the block
             holds from then on (same probes); ``iterations`` and residuals are the repeated run's.
+        discarded_iterations: steps of a run this call made and threw away (the held factor's capped run
+            when ``preconditioner_refreshed``, or a repeat with a fresh factor that did not converge either;
+            0 when the call ran once): the cost that ``iterations`` does not show.
     """
 
     n: int
@@ -142,6 +145,7 @@ class InvQuadLogdetInfo:
     fixed_preconditioner: bool = False
     preconditioner_kind: str = "pivoted_cholesky"
     preconditioner_refreshed: bool = False
+    discarded_iterations: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,15 +193,43 @@ def _forward(
     inv_quad, logdet, info = _compute(A, rhs, want_logdet, options, precond, frozen)
     if frozen is not None:
         scope.calls += 1
-        if not info.converged and frozen.precond is not built:
-            # The held factor was built at another θ and no longer preconditions this covariance: its
-            # truncated estimate is biased (a line search would follow it), so the factor built here
-            # replaces it, with the same probes, for this call and the rest of the block.
-            scope.frozen[key] = frozen = _FrozenParts(built, frozen.probes)
-            scope.refreshed += 1
-            inv_quad, logdet, info = _compute(A, rhs, want_logdet, options, built, frozen)
-            info = replace(info, preconditioner_refreshed=True)
+        if _may_refresh(info, frozen, built, scope):
+            # The held factor was built at another θ and no longer preconditions this covariance: the run
+            # stopped at the step cap and its truncated estimate is biased (a line search would follow it).
+            # The call is repeated with the factor built here; if that run converges, the factor replaces
+            # the held one, with the same probes, for the rest of the block.
+            # (the capped run's result stays alive until the repeat is judged: about twice one call's memory)
+            scope.refresh_attempts += 1
+            parts = _FrozenParts(built, frozen.probes)
+            repeat = _compute(A, rhs, want_logdet, options, built, parts)
+            if repeat[2].converged:
+                scope.frozen[key] = parts
+                scope.refreshed += 1
+                dropped = info
+                inv_quad, logdet, info = repeat[0], repeat[1], replace(repeat[2], preconditioner_refreshed=True)
+            else:  # the fresh factor does not help either: keep the block's objective (and warn, below)
+                dropped = repeat[2]
+            info = replace(info, discarded_iterations=int(dropped.iterations.max()))
+            del repeat, dropped
     return inv_quad, logdet, info
+
+
+#: repeats with a fresh factor per block at most (bounds the cost where nothing converges, or where two
+#: same-shape covariances share a key and would replace each other's factor)
+MAX_REFRESH_ATTEMPTS = 16
+
+
+def _may_refresh(info: InvQuadLogdetInfo, frozen: _FrozenParts, built: Preconditioner, scope: Any) -> bool:
+    """Whether a call that used a block's held factor is repeated with the factor built at its own ``θ``: it
+    stopped at the step cap (not at a round-off floor: ``attainable``), the fresh factor is a different,
+    genuine one (not the held object, not the identity), and the block has attempts left."""
+    return (
+        not info.converged
+        and info.attainable
+        and built is not frozen.precond
+        and built.rank > 0
+        and scope.refresh_attempts < MAX_REFRESH_ATTEMPTS
+    )
 
 
 def _compute(

@@ -298,9 +298,8 @@ def test_no_replacement_where_the_fresh_factor_does_not_converge_either():
     """A cap no factor of rank 10 reaches (15 steps): the repeat with the fresh factor is thrown away and the
     block keeps its factor and its objective (the held value, unconverged and warned); the attempts are
     bounded by ``MAX_REFRESH_ATTEMPTS``."""
-    from lanczos_grad_gp.functions import inv_quad_logdet as iql_function
+    from lanczos_grad_gp.functions import block_rules as iql
 
-    iql = sys.modules[iql_function.__module__]
     covariance, _, _ = _stale_covariance()
     with _lanczos(10, tol=1e-6), lgg.settings.max_lanczos_iter(15), lgg.record_calls() as calls:
         with lgg.settings.deterministic_objective():

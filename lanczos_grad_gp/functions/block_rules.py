@@ -3,8 +3,25 @@ and the trace tolerance its factors are built to (docs/mathematics.md, "Determin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
 from .. import settings
 from ..core.preconditioners import Preconditioner
+
+#: repeats with a fresh factor per block at most (bounds the cost where nothing converges, or where two
+#: same-shape covariances share a key and would replace each other's factor)
+MAX_REFRESH_ATTEMPTS = 16
+
+
+@dataclass(frozen=True)
+class FrozenParts:
+    """What a :class:`~lanczos_grad_gp.settings.deterministic_objective` scope fixes for one covariance shape."""
+
+    precond: Preconditioner
+    probes: Tensor  # (*batch, n, N)
 
 
 def trace_tol_in_force(estimates_logdet: bool) -> float:
@@ -28,3 +45,16 @@ def rank_limited(precond: Preconditioner, max_rank: int, n: int) -> bool:
     if getattr(precond, "factor", None) is None:
         return not (precond.rank == 0 and max_rank == 0)  # max_preconditioner_size 0: identity, nothing to fix
     return max_rank <= precond.rank < n
+
+
+def may_refresh(converged: bool, attainable: bool, frozen: FrozenParts, built: Preconditioner, scope: Any) -> bool:
+    """Whether a call that used a block's held factor is repeated with the factor built at its own ``θ``: it
+    stopped at the step cap (unconverged, but not at a round-off floor: ``attainable``), the fresh factor is a
+    different, genuine one (not the held object, not the identity), and the block has attempts left."""
+    return (
+        not converged
+        and attainable
+        and built is not frozen.precond
+        and built.rank > 0
+        and scope.refresh_attempts < MAX_REFRESH_ATTEMPTS
+    )

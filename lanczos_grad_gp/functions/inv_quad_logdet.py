@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from linear_operator import settings as lo_settings
@@ -45,9 +44,9 @@ from ..core.preconditioners import Preconditioner, select_preconditioner
 from ..core.preconditioners.control_variate import control_variate_term
 from ..core.probes import gp_probes, unit_probes
 from ..diagnostics import record, record_calls, warn_not_converged
-from .block_rules import rank_limited, trace_tol_in_force
+from .block_rules import FrozenParts, may_refresh, rank_limited, trace_tol_in_force
 from .forward_only import GradientPayload, attach_forward_only_gradient, flatten_factors
-from .validation import broadcast_rhs, check_operator
+from .validation import check_inv_quad_logdet_args
 
 __all__ = ["inv_quad_logdet", "InvQuadLogdetInfo", "GPOptions", "record_calls"]
 
@@ -148,14 +147,6 @@ class InvQuadLogdetInfo:
     discarded_iterations: int = 0
 
 
-@dataclass(frozen=True)
-class _FrozenParts:
-    """What a :class:`~lanczos_grad_gp.settings.deterministic_objective` scope fixes for one covariance shape."""
-
-    precond: Preconditioner
-    probes: Tensor  # (*batch, n, N)
-
-
 def _preconditioned_matmul(A: LinearOperator, precond: Preconditioner, x: Tensor) -> Tensor:
     """``B x = C^{-1} K C^{-T} x``."""
     return precond.inv_root(operator_matmul(A, precond.inv_root_t(x)))
@@ -182,25 +173,25 @@ def _forward(
     # In a deterministic-objective scope a rank-limited factor is replaced by the key's fixed one (the
     # first rank-limited factor of the scope, stored with the probes, or the factor that replaced it); a
     # factor that meets its trace tolerance is used as built: exact up to O(ρ), hence consistent.
-    frozen: _FrozenParts | None = None
+    frozen: FrozenParts | None = None
     built = precond
     if scope is not None and rank_limited(precond, options.max_preconditioner_size, n):
         frozen = scope.frozen.get(key)
         if frozen is None:
             z = gp_probes(batch, n, options.num_probes, seed=options.probe_seed, dtype=dtype, device=device)
-            frozen = scope.frozen[key] = _FrozenParts(precond, z)
+            frozen = scope.frozen[key] = FrozenParts(precond, z)
         precond = frozen.precond
     inv_quad, logdet, info = _compute(A, rhs, want_logdet, options, precond, frozen)
     if frozen is not None:
         scope.calls += 1
-        if _may_refresh(info, frozen, built, scope):
+        if may_refresh(info.converged, info.attainable, frozen, built, scope):
             # The held factor was built at another θ and no longer preconditions this covariance: the run
             # stopped at the step cap and its truncated estimate is biased (a line search would follow it).
             # The call is repeated with the factor built here; if that run converges, the factor replaces
             # the held one, with the same probes, for the rest of the block.
             # (the capped run's result stays alive until the repeat is judged: about twice one call's memory)
             scope.refresh_attempts += 1
-            parts = _FrozenParts(built, frozen.probes)
+            parts = FrozenParts(built, frozen.probes)
             repeat = _compute(A, rhs, want_logdet, options, built, parts)
             if repeat[2].converged:
                 scope.frozen[key] = parts
@@ -214,31 +205,13 @@ def _forward(
     return inv_quad, logdet, info
 
 
-#: repeats with a fresh factor per block at most (bounds the cost where nothing converges, or where two
-#: same-shape covariances share a key and would replace each other's factor)
-MAX_REFRESH_ATTEMPTS = 16
-
-
-def _may_refresh(info: InvQuadLogdetInfo, frozen: _FrozenParts, built: Preconditioner, scope: Any) -> bool:
-    """Whether a call that used a block's held factor is repeated with the factor built at its own ``θ``: it
-    stopped at the step cap (not at a round-off floor: ``attainable``), the fresh factor is a different,
-    genuine one (not the held object, not the identity), and the block has attempts left."""
-    return (
-        not info.converged
-        and info.attainable
-        and built is not frozen.precond
-        and built.rank > 0
-        and scope.refresh_attempts < MAX_REFRESH_ATTEMPTS
-    )
-
-
 def _compute(
     A: LinearOperator,
     rhs: Tensor | None,
     want_logdet: bool,
     options: GPOptions,
     precond: Preconditioner,
-    frozen: _FrozenParts | None,
+    frozen: FrozenParts | None,
 ) -> tuple[Tensor, Tensor, InvQuadLogdetInfo]:
     """One Lanczos run with ``precond`` (and the probes of ``frozen``: parts a block holds fixed, if any)."""
     n, batch, dtype, device = A.shape[-1], A.batch_shape, A.dtype, A.device
@@ -383,33 +356,6 @@ def _warn_if_not_converged(info: InvQuadLogdetInfo) -> None:
     )
 
 
-def _validate(A: Any, rhs: Tensor | None, logdet: bool) -> tuple[LinearOperator, Tensor | None, bool]:
-    if logdet is not None and not isinstance(logdet, bool):
-        raise ValueError(f"logdet must be a bool; got {logdet!r}.")
-    # type, square, n >= 1, float dtype, finite data/hyperparameters, symmetric if dense (before any work)
-    A = check_operator(A, "A", " (the covariance operator)")
-    if rhs is None:
-        if not logdet:
-            raise ValueError("Either inv_quad_rhs or logdet=True must be given.")
-        return A, None, False
-    if not isinstance(rhs, Tensor):
-        raise TypeError(f"inv_quad_rhs must be a torch.Tensor; got {type(rhs).__name__}.")
-    if rhs.dtype != A.dtype or (A.device is not None and rhs.device != A.device):
-        raise ValueError(
-            f"inv_quad_rhs ({rhs.dtype}, {rhs.device}) must match A's dtype and device ({A.dtype}, {A.device})."
-        )
-    n = A.shape[-1]
-    is_vector = A.dim() == 2 and rhs.dim() == 1
-    r = rhs.unsqueeze(-1) if is_vector else rhs
-    if r.dim() != A.dim() or r.shape[-2] != n:
-        raise ValueError(
-            f"inv_quad_rhs must have shape (*batch, n) for a 2-D A or (*batch, n, k) with n = {n}; "
-            f"got {tuple(rhs.shape)} for A of shape {tuple(A.shape)}."
-        )
-    A, r = broadcast_rhs(A, r, "inv_quad_rhs", " (check the training targets and the mean function)")
-    return A, r, is_vector
-
-
 def inv_quad_logdet(
     A: LinearOperator | Tensor,
     inv_quad_rhs: Tensor | None = None,
@@ -434,7 +380,7 @@ def inv_quad_logdet(
     probes and their seed, preconditioner size). Raises ``NotPSDError`` when Lanczos proves
     ``A`` is not positive definite and ``ValueError`` for bad shapes/dtypes/NaN.
     """
-    A, rhs, is_vector = _validate(A, inv_quad_rhs, logdet)
+    A, rhs, is_vector = check_inv_quad_logdet_args(A, inv_quad_rhs, logdet)
     if rhs is not None and rhs.shape[-1] == 0 and not logdet:  # no columns: nothing to compute (as stock)
         empty = rhs.new_zeros(rhs.shape[:-2] if reduce_inv_quad else (*rhs.shape[:-2], 0))
         return empty, torch.zeros(A.batch_shape, dtype=A.dtype, device=A.device)

@@ -233,3 +233,34 @@ def broadcast_rhs(A: LinearOperator, rhs: Tensor, name: str, nan_hint: str = "")
     if A.batch_shape != batch:
         A = A.expand(*batch, n, n)
     return A, rhs.expand(*batch, n, rhs.shape[-1])
+
+
+def check_inv_quad_logdet_args(A: Any, rhs: Tensor | None, logdet: bool) -> tuple[LinearOperator, Tensor | None, bool]:
+    """The arguments of :func:`~lanczos_grad_gp.inv_quad_logdet`, checked before any work.
+
+    Returns ``(A, rhs as (*batch, n, k) or None, whether rhs was a vector)``.
+    """
+    if logdet is not None and not isinstance(logdet, bool):
+        raise ValueError(f"logdet must be a bool; got {logdet!r}.")
+    # type, square, n >= 1, float dtype, finite data/hyperparameters, symmetric if dense (before any work)
+    A = check_operator(A, "A", " (the covariance operator)")
+    if rhs is None:
+        if not logdet:
+            raise ValueError("Either inv_quad_rhs or logdet=True must be given.")
+        return A, None, False
+    if not isinstance(rhs, Tensor):
+        raise TypeError(f"inv_quad_rhs must be a torch.Tensor; got {type(rhs).__name__}.")
+    if rhs.dtype != A.dtype or (A.device is not None and rhs.device != A.device):
+        raise ValueError(
+            f"inv_quad_rhs ({rhs.dtype}, {rhs.device}) must match A's dtype and device ({A.dtype}, {A.device})."
+        )
+    n = A.shape[-1]
+    is_vector = A.dim() == 2 and rhs.dim() == 1
+    r = rhs.unsqueeze(-1) if is_vector else rhs
+    if r.dim() != A.dim() or r.shape[-2] != n:
+        raise ValueError(
+            f"inv_quad_rhs must have shape (*batch, n) for a 2-D A or (*batch, n, k) with n = {n}; "
+            f"got {tuple(rhs.shape)} for A of shape {tuple(A.shape)}."
+        )
+    A, r = broadcast_rhs(A, r, "inv_quad_rhs", " (check the training targets and the mean function)")
+    return A, r, is_vector

@@ -337,7 +337,17 @@ def install_if_imported() -> None:
                 _originals[key] = original
                 continue
             _originals[key] = fn
-            setattr(module, key[1], _WRAPPERS[key[1]](fn))
+            setattr(module, key[1], _wrapper_of(fn, key))
+
+
+def _wrapper_of(fn: Callable[..., Any], key: tuple[str, str]) -> Callable[..., Any]:
+    """The wrapper already made for ``fn`` under another name (``from core import scipy_minimize`` in a module
+    imported before lanczos_grad_gp: one wrapper, both names), or a new one."""
+    for (module_name, attr), original in _originals.items():
+        current = getattr(sys.modules.get(module_name), attr, None)
+        if original is fn and (module_name, attr) != key and getattr(current, "__lgg_original__", None) is fn:
+            return current
+    return _WRAPPERS[key[1]](fn)
 
 
 def uninstall() -> None:

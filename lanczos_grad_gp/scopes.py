@@ -3,7 +3,8 @@
 A scope maps each covariance key (batch shape, ``n``, dtype, device, options, preconditioner
 override) to the parts the GP routine holds fixed within the block: the preconditioner and the
 probes of the key's first call (its factor replaced by a fresh one where it left a call unconverged).
-It also counts the calls that used the fixed parts and the replacements.
+It also counts the calls that used the fixed parts, the replacements, and the calls run again with the
+block's step cap (``deterministic_max_lanczos_iter``).
 """
 
 from __future__ import annotations
@@ -22,3 +23,4 @@ class ObjectiveScope:
     calls: int = 0  # calls that used fixed parts
     refreshed: int = 0  # held factors replaced by the one built at a call they left unconverged
     refresh_attempts: int = 0  # repeats with a fresh factor (kept or not)
+    raised_step_caps: int = 0  # calls run again with deterministic_max_lanczos_iter steps (still at the cap)

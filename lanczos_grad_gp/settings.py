@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
-from typing import Any, ClassVar
+from typing import Any
+
+from ._settings_base import _positive_int, _thread_local_flag, _thread_local_value
 
 __all__ = [
     "use_lanczos_grad",
     "max_lanczos_iter",
+    "deterministic_max_lanczos_iter",
     "lanczos_tol",
     "num_probes",
     "probe_seed",
@@ -40,96 +42,6 @@ __all__ = [
     "deterministic_objective",
     "current_settings",
 ]
-
-_UNSET = object()
-
-
-class _thread_local_value:
-    """Base class: a value with a process-wide default and a thread-local override stack.
-
-    Subclasses set ``_default`` and may override ``_validate``.
-    """
-
-    _default: ClassVar[Any] = None
-    _local: ClassVar[threading.local]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._local = threading.local()
-
-    @classmethod
-    def _validate(cls, value: Any) -> Any:
-        return value
-
-    @classmethod
-    def value(cls) -> Any:
-        """The value in force in this thread."""
-        return getattr(cls._local, "value", cls._default)
-
-    @classmethod
-    def set_default(cls, value: Any) -> None:
-        """Change the process-wide default (what threads without an open context see)."""
-        cls._default = cls._validate(value)
-
-    def __init__(self, value: Any) -> None:
-        self._value = self._validate(value)
-
-    def __enter__(self) -> _thread_local_value:
-        local = self.__class__._local
-        # The saved values live in the thread-local too: one context object shared by several
-        # threads (a module-level ``flag = use_lanczos_grad()``) restores each thread's own value.
-        if not hasattr(local, "saved"):
-            local.saved = []
-        local.saved.append(getattr(local, "value", _UNSET))
-        local.value = self._entered_value()
-        return self
-
-    def _entered_value(self) -> Any:
-        return self._value
-
-    def __exit__(self, *exc: Any) -> bool:
-        local = self.__class__._local
-        prev = local.saved.pop()
-        if prev is _UNSET:
-            del local.value
-        else:
-            local.value = prev
-        return False
-
-
-class _thread_local_flag(_thread_local_value):
-    """A boolean feature flag: ``with flag():`` turns it on; ``flag.on()`` asks whether it is on."""
-
-    _default: ClassVar[Any] = False
-
-    @classmethod
-    def _validate(cls, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{cls.__name__} expects a bool state; got {value!r}.")
-        return value
-
-    @classmethod
-    def on(cls) -> bool:
-        """Whether the flag is on in this thread."""
-        return bool(cls.value())
-
-    @classmethod
-    def off(cls) -> bool:
-        """Whether the flag is off in this thread."""
-        return not cls.on()
-
-    def __init__(self, state: bool = True) -> None:
-        super().__init__(state)
-
-
-def _positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
-    # numbers.Integral admits numpy integers; bool is an int subclass but never a sensible count.
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        kind = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{name} must be {kind} integer; got {value!r}.")
-    return int(value)
 
 
 class use_lanczos_grad(_thread_local_flag):
@@ -171,6 +83,15 @@ class max_lanczos_iter(_thread_local_value):
     @classmethod
     def _validate(cls, value: Any) -> int:
         return _positive_int(cls.__name__, value)
+
+
+class deterministic_max_lanczos_iter(max_lanczos_iter):
+    """Steps a call of a :class:`deterministic_objective` block may take when it stopped unconverged at
+    ``max_lanczos_iter``: it is run again with this cap (a truncated value is biased, and a line search
+    follows it). GPyTorch's ``max_cg_iterations`` is 1000 as well. Memory grows with the steps (the Lanczos
+    basis, ``8 n m (t + N)`` bytes in float64); a value ``≤ max_lanczos_iter`` turns this off. (Default: 1000)"""
+
+    _default = 1000
 
 
 class lanczos_tol(_thread_local_value):
@@ -354,7 +275,8 @@ class deterministic_objective(_thread_local_flag):
     r"""One deterministic, smooth objective per block: what L-BFGS's line search assumes.
 
     A rank-limited preconditioner and the probes are held fixed per covariance key, so the value is the function
-    whose gradient is returned (docs/mathematics.md, "Deterministic objectives"); other factors are rebuilt.
+    whose gradient is returned (docs/mathematics.md, "Deterministic objectives"); other factors are rebuilt. A
+    call still unconverged at ``max_lanczos_iter`` is run again with :class:`deterministic_max_lanczos_iter` steps.
     Under the flag BoTorch's L-BFGS runs open a block each; each ``with`` opens a new scope. (Default: no scope)
     """
 
@@ -383,6 +305,7 @@ def current_settings() -> dict[str, Any]:
         for cls in (
             use_lanczos_grad,
             max_lanczos_iter,
+            deterministic_max_lanczos_iter,
             lanczos_tol,
             num_probes,
             probe_seed,

@@ -26,6 +26,7 @@ from lanczos_grad_gp.app.training import ExactGPModel
 
 VALUE_SETTINGS = [
     S.max_lanczos_iter,
+    S.deterministic_max_lanczos_iter,
     S.lanczos_tol,
     S.num_probes,
     S.probe_seed,
@@ -38,6 +39,8 @@ FLAGS = [S.use_lanczos_grad, S.reorthogonalize]
 
 BAD_VALUES = [
     (S.max_lanczos_iter, 0),
+    (S.deterministic_max_lanczos_iter, 0),
+    (S.deterministic_max_lanczos_iter, 2.5),
     (S.max_lanczos_iter, -3),
     (S.max_lanczos_iter, 2.0),
     (S.max_lanczos_iter, True),

@@ -2,6 +2,8 @@
 
 * :mod:`.forms` — ``quad_form`` / ``bilinear_form``;
 * :mod:`.inv_quad_logdet` — the GP routine;
+* :mod:`.gp_run` — one Lanczos run of it, its options and diagnostics;
+* :mod:`.block_rules` — what a deterministic-objective block holds fixed, replaces and runs longer;
 * :mod:`.forward_only` — the one autograd Function that attaches forward-only gradients;
 * :mod:`.validation` — early, named argument checks.
 """

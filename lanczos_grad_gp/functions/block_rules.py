@@ -58,3 +58,10 @@ def may_refresh(converged: bool, attainable: bool, frozen: FrozenParts, built: P
         and built.rank > 0
         and scope.refresh_attempts < MAX_REFRESH_ATTEMPTS
     )
+
+
+def may_raise_step_cap(converged: bool, attainable: bool, max_iter: int) -> bool:
+    """Whether a call of a block that ended unconverged at the step cap (not at a round-off floor:
+    ``attainable``) is run again with :class:`~lanczos_grad_gp.settings.deterministic_max_lanczos_iter` steps:
+    a truncated estimate is biased, and a line search takes its errors for progress."""
+    return not converged and attainable and settings.deterministic_max_lanczos_iter.value() > max_iter

@@ -504,6 +504,12 @@ def test_uninstall_restores_botorch_and_install_wraps_again():
     assert core.scipy_minimize.__lgg_original__ is original
 
 
+def _prints_ok_in_a_fresh_interpreter(code: str) -> None:
+    """Run ``code`` in a new Python process (import order matters to the wrapping) and expect it to print ok."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_botorch_imported_lazily_after_the_library_is_wrapped():
     code = (
         "import lanczos_grad_gp as lgg, botorch, sys\n"
@@ -513,8 +519,7 @@ def test_botorch_imported_lazily_after_the_library_is_wrapped():
         "assert hasattr(f.scipy_minimize, '__lgg_original__'), f.scipy_minimize\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    _prints_ok_in_a_fresh_interpreter(code)
 
 
 def test_botorch_imported_before_the_library_gets_one_wrapper_for_both_names():
@@ -528,8 +533,7 @@ def test_botorch_imported_before_the_library_gets_one_wrapper_for_both_names():
         "assert hasattr(c.scipy_minimize, '__lgg_original__')\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    _prints_ok_in_a_fresh_interpreter(code)
 
 
 def _moving_closure(parameters, scopes):
@@ -653,5 +657,4 @@ def test_import_hook_survives_reload_and_copy():
         "assert hasattr(b.fmin_l_bfgs_b_batched, '__lgg_original__')\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    _prints_ok_in_a_fresh_interpreter(code)

@@ -5,6 +5,9 @@ Run from the repository root::
     python -m benchmarks.fit_quality --quick        # BO sizes, a few minutes on 2 CPU cores
     python -m benchmarks.fit_quality                # every row, including n = 5000 (about an hour)
     python -m benchmarks.fit_quality --rows hartmann6-single-5000
+    # a Cholesky reference that outlasts the machine: rerun the same command to go on where it stopped
+    python -m benchmarks.fit_quality --rows pol-single-5000 --methods cholesky \
+        --evaluation-log benchmarks/results/fit_logs
 
 For every row the same model class is fitted from the same start (``torch.manual_seed(0)``,
 BoTorch's default priors and transforms) by up to three methods (``--methods`` picks a subset;
@@ -46,7 +49,9 @@ import gpytorch
 import torch
 from botorch.fit import fit_gpytorch_mll
 from botorch.models import ModelListGP, SingleTaskGP
+from botorch.optim.closures import get_loss_closure_with_grads
 from botorch.optim.fit import fit_gpytorch_mll_scipy
+from botorch.optim.utils import get_parameters_and_bounds
 from botorch.test_functions import Branin, Hartmann
 from botorch.test_functions.multi_objective import BraninCurrin
 from gpytorch.mlls import ExactMarginalLogLikelihood, SumMarginalLogLikelihood
@@ -55,6 +60,7 @@ import lanczos_grad_gp as lgg
 from lanczos_grad_gp.app.datasets import load_uci
 
 from .common import DEFAULT_DATA_DIR, REPO_ROOT, dataset_dir
+from .fit_replay import EvaluationLog
 
 F64 = torch.float64
 SYNTHETIC = {"branin": Branin, "hartmann6": lambda: Hartmann(dim=6), "branincurrin": BraninCurrin}
@@ -150,6 +156,7 @@ class FitResult:
     unconverged_step_share: float = 0.0
     refreshed_calls: int = 0
     raised_cap_calls: int = 0
+    replayed_evaluations: int = 0
 
 
 def method_context(method: str) -> contextlib.ExitStack:
@@ -163,14 +170,26 @@ def method_context(method: str) -> contextlib.ExitStack:
     return stack
 
 
-def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str) -> FitResult:
+def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluation_log: Path | None = None) -> FitResult:
+    """One fit by ``method``; with ``evaluation_log`` (Cholesky, single-output models only) the fit resumes
+    from, and extends, that log of its evaluations (:mod:`benchmarks.fit_replay`)."""
+    if evaluation_log is not None and (method != "cholesky" or kind not in ("single", "fixed_noise")):
+        raise ValueError(
+            f"evaluation_log: only a stock Cholesky fit of a single-output model can be resumed, got method "
+            f"{method!r}, kind {kind!r} (the flag's deterministic-objective block keeps state the replay skips)"
+        )
     model, mll = make_model(kind, X, Y)
     attempts = 0
+    log = EvaluationLog(evaluation_log) if evaluation_log is not None else None
 
-    def counting_optimizer(*args, **kwargs):
+    def counting_optimizer(mll, closure=None, **kwargs):
         nonlocal attempts
         attempts += 1
-        return fit_gpytorch_mll_scipy(*args, **kwargs)
+        if log is not None and closure is None:  # BoTorch's own closure, over the parameters it would pick
+            parameters = {k: v for k, v in get_parameters_and_bounds(mll)[0].items() if v.requires_grad}
+            closure = log.wrap(get_loss_closure_with_grads(mll, parameters=parameters), parameters)
+            kwargs["parameters"] = parameters
+        return fit_gpytorch_mll_scipy(mll, closure=closure, **kwargs)
 
     evaluations = 0
     forward = ExactMarginalLogLikelihood.forward
@@ -194,16 +213,18 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str) -> FitRes
     lanczos = [c for c in calls if c.route == "lanczos"]
     steps = [int(c.iterations.max()) for c in lanczos]
     discarded = sum(c.discarded_iterations for c in lanczos)  # capped runs a refresh or a raised cap threw away
+    replayed, replayed_cpu = (log.replayed, log.replayed_cpu_s) if log is not None else (0, 0.0)
     return FitResult(
         method=method,
         exact_mll=exact_mll_per_point(model),
-        cpu_s=cpu,
+        cpu_s=cpu + replayed_cpu,  # a resumed fit: this run's CPU plus what the replayed evaluations took
         wall_s=wall,
         abnormal=sum("ABNORMAL" in str(w.message) for w in caught),
         numerical_warnings=sum(issubclass(w.category, lgg.diagnostics.NumericalWarning) for w in caught),
         attempts=attempts,
         routes=sorted({c.route for c in calls}),
-        evaluations=evaluations,
+        evaluations=evaluations + replayed,
+        replayed_evaluations=replayed,
         lanczos_calls=len(lanczos),
         mean_lanczos_steps=(sum(steps) + discarded) / max(len(steps), 1),
         unconverged_calls=sum(not c.converged for c in lanczos),
@@ -218,12 +239,14 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str) -> FitRes
 METHODS = ("cholesky", "flag", "lanczos")
 
 
-def run_row(name: str, data_dir: Path, methods: tuple[str, ...] = METHODS) -> dict:
+def run_row(name: str, data_dir: Path, methods: tuple[str, ...] = METHODS, log_dir: Path | None = None) -> dict:
+    """One row; with ``log_dir`` its Cholesky fit resumes from ``<log_dir>/<row>-cholesky.jsonl``."""
     data, kind, n = ROWS[name]
     X, Y = make_data(data, n, seed=0, data_dir=data_dir)
     threshold = gpytorch.settings.max_cholesky_size.value()
     wanted = ["cholesky", "flag"] + (["lanczos"] if n <= threshold else [])  # lanczos: only where it differs
-    results = [fit_once(kind, X, Y, m) for m in wanted if m in methods]
+    log = None if log_dir is None else log_dir / f"{name}-cholesky.jsonl"
+    results = [fit_once(kind, X, Y, m, log if m == "cholesky" else None) for m in wanted if m in methods]
     for r in results:
         r.gap = results[0].exact_mll - r.exact_mll if results[0].method == "cholesky" else float("nan")
     return {"row": name, "data": data, "kind": kind, "n": n, "d": X.shape[-1], "results": [asdict(r) for r in results]}
@@ -273,14 +296,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "fit_quality")
+    p.add_argument(
+        "--evaluation-log",
+        type=Path,
+        default=None,
+        help="folder of resumable Cholesky-fit logs (<row>-cholesky.jsonl): a stopped reference fit goes on "
+        "where it stopped; only with --methods cholesky and single-output rows (benchmarks/fit_replay.py)",
+    )
     args = p.parse_args(argv)
+    if args.evaluation_log is not None and args.methods != ["cholesky"]:
+        p.error("--evaluation-log: only with --methods cholesky (the flag's fit cannot be replayed)")
     names = args.rows or (QUICK if args.quick else list(ROWS))
     out_json = args.out.with_suffix(".json")
     done = json.loads(out_json.read_text()) if out_json.exists() else []
     done = [r for r in done if r["row"] not in names]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; rows: {', '.join(names)}", flush=True)
     for name in names:
-        row = run_row(name, args.data_dir, tuple(args.methods))
+        if args.evaluation_log is not None:
+            args.evaluation_log.mkdir(parents=True, exist_ok=True)
+        row = run_row(name, args.data_dir, tuple(args.methods), args.evaluation_log)
         done.append(row)
         for r in row["results"]:
             print(

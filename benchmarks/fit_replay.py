@@ -1,0 +1,107 @@
+"""Resume a deterministic ``fit_gpytorch_mll`` run that was stopped part way, by replaying its evaluations.
+
+A reference fit can outlast the machine it runs on (the Cholesky fit of pol at n = 5000 takes more than
+three hours of two-core CPU). L-BFGS-B is deterministic: given the same start and the same loss and
+gradient at every point it asks for, it asks for the same points. :class:`EvaluationLog` wraps BoTorch's
+loss closure and appends every evaluation (the parameter vector, the loss, the gradients, the CPU
+seconds it took) to a JSON-lines file. A later run with the same log answers the points the log holds
+from the log, in order, without computing them, and computes (and appends) the rest, so a fit stopped
+and resumed any number of times takes exactly the path of an uninterrupted one (floats are written
+with ``repr``, which round-trips float64 exactly; an evaluation that raised is recorded and raises
+again). A point that differs from the recorded one raises:
+the log belongs to another run (other data, code or settings).
+
+Only a fit whose loss is a deterministic function of the parameters can be resumed so: the stock
+Cholesky fit. The flag's deterministic-objective block holds state built at the calls themselves (its
+preconditioner factor, probes, replacements), which a replayed call does not rebuild, so
+``benchmarks.fit_quality`` allows a log only for ``--methods cholesky``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class EvaluationLog:
+    """The recorded evaluations of one fit (all of BoTorch's attempts, in order), replayed, then extended."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lines = path.read_text().splitlines() if path.exists() else []
+        self.entries = [json.loads(line) for line in lines if line.strip()]
+        self.position = 0  # the next recorded evaluation to answer
+        self.replayed = 0  # evaluations answered from the log
+        self.replayed_cpu_s = 0.0  # CPU the replayed evaluations took when they were computed
+
+    def wrap(
+        self, closure: Callable[[], tuple[Tensor, Sequence[Tensor | None]]], parameters: dict[str, Tensor]
+    ) -> Callable[[], tuple[Tensor, tuple[Tensor | None, ...]]]:
+        """``closure`` answering from the log while it lasts (BoTorch's closure contract: ``(loss, grads)``)."""
+        params = list(parameters.values())
+
+        def replaying() -> tuple[Tensor, tuple[Tensor | None, ...]]:
+            x = [float(v) for p in params for v in p.detach().reshape(-1).tolist()]
+            if self.position < len(self.entries):
+                entry = self.entries[self.position]
+                if entry["x"] != x:
+                    raise RuntimeError(
+                        f"{self.path}: evaluation {self.position} asks for another point than the log records; "
+                        "the log is from another run (data, code, settings or thread count)"
+                    )
+                self.position += 1
+                self.replayed += 1
+                self.replayed_cpu_s += entry["cpu_s"]
+                if "error" in entry:
+                    raise _rebuilt_error(entry["error"])
+                grads = tuple(
+                    None if g is None else torch.tensor(g, dtype=p.dtype, device=p.device).reshape(p.shape)
+                    for g, p in zip(entry["grads"], params, strict=True)
+                )
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g
+                return torch.tensor(entry["loss"], dtype=params[0].dtype, device=params[0].device), grads
+            cpu = time.process_time()
+            try:
+                loss, grads = closure()
+            except Exception as error:  # BoTorch's array closure handles some (NotPSDError): replay them too
+                self._append({"x": x, "error": _error_record(error), "cpu_s": time.process_time() - cpu})
+                raise
+            self._append(
+                {
+                    "x": x,
+                    "loss": float(loss),
+                    "grads": [None if g is None else g.detach().reshape(-1).tolist() for g in grads],
+                    "cpu_s": time.process_time() - cpu,
+                }
+            )
+            return loss, tuple(grads)
+
+        return replaying
+
+    def _append(self, entry: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.entries.append(entry)
+        self.position += 1
+
+
+def _error_record(error: Exception) -> dict[str, str]:
+    klass = type(error)
+    return {"type": f"{klass.__module__}:{klass.__qualname__}", "message": str(error)}
+
+
+def _rebuilt_error(record: dict[str, str]) -> Exception:
+    """The recorded exception again (its class where it can be imported and built from a message)."""
+    module, _, name = record["type"].partition(":")
+    try:
+        klass = getattr(importlib.import_module(module), name)
+        return klass(record["message"])
+    except Exception:  # noqa: BLE001 - a class that cannot be rebuilt: keep the message
+        return RuntimeError(f"{record['type']}: {record['message']}")

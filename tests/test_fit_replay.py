@@ -129,3 +129,14 @@ def test_an_evaluation_that_raised_raises_again_on_replay(tmp_path) -> None:
             loss, (grad,) = replay()
             assert float(loss) == float(first[0]) and torch.equal(grad, first[1][0])
     assert len(calls) == 3  # nothing was computed again
+
+
+def test_a_last_line_cut_by_a_kill_is_computed_again(tmp_path) -> None:
+    X, Y = _data()
+    log = tmp_path / "row-cholesky.jsonl"
+    full = fit_quality.fit_once("single", X, Y, "cholesky", log)
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])  # killed while writing line 5
+    resumed = fit_quality.fit_once("single", X, Y, "cholesky", log)
+    assert resumed.replayed_evaluations == 5 and resumed.exact_mll == full.exact_mll
+    assert _path(log.read_text().splitlines()) == _path(lines)

@@ -60,7 +60,7 @@ import lanczos_grad_gp as lgg
 from lanczos_grad_gp.app.datasets import load_uci
 
 from .common import DEFAULT_DATA_DIR, REPO_ROOT, dataset_dir
-from .fit_replay import EvaluationLog
+from .fit_replay import EvaluationLog, fit_fingerprint
 
 F64 = torch.float64
 SYNTHETIC = {"branin": Branin, "hartmann6": lambda: Hartmann(dim=6), "branincurrin": BraninCurrin}
@@ -180,7 +180,7 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluatio
         )
     model, mll = make_model(kind, X, Y)
     attempts = 0
-    log = EvaluationLog(evaluation_log) if evaluation_log is not None else None
+    log = None if evaluation_log is None else EvaluationLog(evaluation_log, fit_fingerprint(X, Y, kind, method))
 
     def counting_optimizer(mll, closure=None, **kwargs):
         nonlocal attempts
@@ -213,7 +213,7 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluatio
     lanczos = [c for c in calls if c.route == "lanczos"]
     steps = [int(c.iterations.max()) for c in lanczos]
     discarded = sum(c.discarded_iterations for c in lanczos)  # capped runs a refresh or a raised cap threw away
-    replayed, replayed_cpu = (log.replayed, log.replayed_cpu_s) if log is not None else (0, 0.0)
+    replayed, replayed_cpu, checks = (log.replayed, log.replayed_cpu_s, int(log.checked)) if log else (0, 0.0, 0)
     return FitResult(
         method=method,
         exact_mll=exact_mll_per_point(model),
@@ -223,7 +223,7 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluatio
         numerical_warnings=sum(issubclass(w.category, lgg.diagnostics.NumericalWarning) for w in caught),
         attempts=attempts,
         routes=sorted({c.route for c in calls}),
-        evaluations=evaluations + replayed,
+        evaluations=evaluations + replayed - checks,  # the replay's check is not an evaluation of the fit
         replayed_evaluations=replayed,
         lanczos_calls=len(lanczos),
         mean_lanczos_steps=(sum(steps) + discarded) / max(len(steps), 1),

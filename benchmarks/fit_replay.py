@@ -8,8 +8,10 @@ it took) to a JSON-lines file. A later run with the same log answers the points 
 log, in order, without computing them, and computes (and appends) the rest. A fit stopped and resumed
 any number of times therefore takes exactly the path of an uninterrupted one: floats are written with
 ``repr``, which round-trips float64 exactly; an evaluation that raised is recorded and raises again; a
-last line cut short by a kill is dropped and computed again. A point that differs from the recorded one
-raises: the log belongs to another run (other data, code or settings).
+last line cut short by a kill is dropped and computed again. The log's first line is a fingerprint of the
+fit (its data, model kind and method) and a log of another fit is refused; the first replayed evaluation
+is computed again and must match its record, which catches a change of code or settings; a point that
+differs from the recorded one raises.
 
 Only a fit whose loss is a deterministic function of the parameters can be resumed so: the stock
 Cholesky fit. The flag's deterministic-objective block holds state built at the calls themselves (its
@@ -19,6 +21,7 @@ preconditioner factor, probes, replacements), which a replayed call does not reb
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import time
@@ -29,16 +32,32 @@ import torch
 from torch import Tensor
 
 
+def fit_fingerprint(X: Tensor, Y: Tensor, *labels: str) -> str:
+    """A digest of the training data and of ``labels`` (model kind, method) that names one fit."""
+    digest = hashlib.sha256("|".join(labels).encode())
+    for t in (X, Y):
+        digest.update(str((tuple(t.shape), t.dtype)).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class EvaluationLog:
     """The recorded evaluations of one fit (all of BoTorch's attempts, in order), replayed, then extended."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        """``fingerprint``: what the fit is of (data, model, method); a log of another one is refused."""
         self.path = path
         lines = [line for line in (path.read_text().splitlines() if path.exists() else []) if line.strip()]
         if lines and not _is_record(lines[-1]):  # a write cut short by a kill: drop it (it is computed again)
             lines.pop()
             path.write_text("".join(line + "\n" for line in lines))
-        self.entries = [json.loads(line) for line in lines]  # any other broken line raises
+        if not lines:
+            path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+        elif json.loads(lines[0]).get("fingerprint") != fingerprint:
+            raise RuntimeError(f"{path}: the log records another fit (other data, model or method): not replayed")
+        self.entries = [json.loads(line) for line in lines[1:]]  # any other broken line raises
+        self.checked = False  # the first replayed evaluation is computed again and compared (code changes);
+        # that one extra closure call is not an evaluation of the fit (its counters subtract it)
         self.position = 0  # the next recorded evaluation to answer
         self.replayed = 0  # evaluations answered from the log
         self.replayed_cpu_s = 0.0  # CPU the replayed evaluations took when they were computed
@@ -58,6 +77,8 @@ class EvaluationLog:
                         f"{self.path}: evaluation {self.position} asks for another point than the log records; "
                         "the log is from another run (data, code, settings or thread count)"
                     )
+                if not self.checked:
+                    self._check_against(entry, closure)
                 self.position += 1
                 self.replayed += 1
                 self.replayed_cpu_s += entry["cpu_s"]
@@ -87,6 +108,22 @@ class EvaluationLog:
             return loss, tuple(grads)
 
         return replaying
+
+    def _check_against(self, entry: dict, closure: Callable[[], tuple[Tensor, Sequence[Tensor | None]]]) -> None:
+        """Compute the first replayed evaluation again: a loss that differs beyond the rounding of another
+        thread count (relative 1e-8) means the code or settings changed since the log was written."""
+        self.checked = True
+        try:
+            loss = float(closure()[0])
+        except Exception:  # noqa: BLE001 - the recorded evaluation must have raised too
+            loss = None
+        recorded = entry.get("loss")
+        same = loss == recorded if loss is None or recorded is None else abs(loss - recorded) <= 1e-8 * abs(recorded)
+        if not same:
+            raise RuntimeError(
+                f"{self.path}: evaluation {self.position} computes loss {loss} where the log records {recorded}; "
+                "the code or settings changed since it was written: not replayed"
+            )
 
     def _append(self, entry: dict) -> None:
         with self.path.open("a") as f:

@@ -22,8 +22,8 @@ def _data(name: str = "hartmann6", n: int = 30):
 
 
 def _path(lines: list[str]) -> list[tuple]:
-    """The evaluations of a log without their CPU seconds (which differ from run to run)."""
-    return [(e["x"], e["loss"], e["grads"]) for e in map(json.loads, lines)]
+    """A log's evaluations (after its fingerprint line) without their CPU seconds (which differ run to run)."""
+    return [(e["x"], e["loss"], e["grads"]) for e in map(json.loads, lines[1:])]
 
 
 def test_resumed_fit_takes_the_uninterrupted_path(tmp_path) -> None:
@@ -35,11 +35,11 @@ def test_resumed_fit_takes_the_uninterrupted_path(tmp_path) -> None:
     assert logged.exact_mll == plain.exact_mll and logged.evaluations == plain.evaluations
     assert logged.replayed_evaluations == 0
     lines = log.read_text().splitlines()
-    assert len(lines) == plain.evaluations > 4  # one line per closure call: the fit really ran
+    assert len(lines) - 1 == plain.evaluations > 4  # a fingerprint, then one line per closure call
 
     # "stop" the fit after half its evaluations, then resume
-    half = len(lines) // 2
-    log.write_text("\n".join(lines[:half]) + "\n")
+    half = (len(lines) - 1) // 2
+    log.write_text("\n".join(lines[: 1 + half]) + "\n")
     resumed = fit_quality.fit_once("single", X, Y, "cholesky", log)
     assert resumed.replayed_evaluations == half
     assert resumed.evaluations == plain.evaluations
@@ -55,12 +55,22 @@ def test_a_log_from_another_run_is_refused(tmp_path) -> None:
     X, Y = _data()
     log = tmp_path / "row-cholesky.jsonl"
     fit_quality.fit_once("single", X, Y, "cholesky", log)
-    X2, Y2 = _data("branin")  # other data: the first point asked for differs
-    with pytest.raises(RuntimeError, match="another point"):
+    X2, Y2 = _data("branin")  # other data
+    with pytest.raises(RuntimeError, match="another fit"):
         fit_quality.fit_once("single", X2, Y2, "cholesky", log)
-    # a tampered point in the middle of the log is refused where the fit reaches it
+    # other data of the same shape: every point asked for would match, so only the fingerprint tells
+    X3, Y3 = fit_quality.make_data("hartmann6", 30, seed=1)
+    with pytest.raises(RuntimeError, match="another fit"):
+        fit_quality.fit_once("single", X3, Y3, "cholesky", log)
     entries = [json.loads(line) for line in log.read_text().splitlines()]
-    entries[3]["x"][0] += 1e-3
+    # a changed recorded loss (what changed code would compute) is caught at the first replayed evaluation
+    changed = [dict(e) for e in entries]
+    changed[1]["loss"] *= 1 + 1e-6
+    log.write_text("".join(json.dumps(e) + "\n" for e in changed))
+    with pytest.raises(RuntimeError, match="code or settings changed"):
+        fit_quality.fit_once("single", X, Y, "cholesky", log)
+    # a tampered point in the middle of the log is refused where the fit reaches it
+    entries[1 + 3]["x"][0] += 1e-3
     log.write_text("".join(json.dumps(e) + "\n" for e in entries))
     with pytest.raises(RuntimeError, match="evaluation 3 asks"):
         fit_quality.fit_once("single", X, Y, "cholesky", log)
@@ -105,7 +115,7 @@ def test_an_evaluation_that_raised_raises_again_on_replay(tmp_path) -> None:
         return loss, torch.autograd.grad(loss, [x])
 
     path = tmp_path / "log.jsonl"
-    log = EvaluationLog(path)
+    log = EvaluationLog(path, "toy")
     wrapped = log.wrap(closure, {"x": x})
     points = [torch.tensor([0.5, -1.0]), torch.tensor([1.0, 2.0]), torch.tensor([0.25, 0.0])]
     recorded = []
@@ -118,7 +128,7 @@ def test_an_evaluation_that_raised_raises_again_on_replay(tmp_path) -> None:
             recorded.append(None)
     assert recorded[1] is None and len(calls) == 3
 
-    replay = EvaluationLog(path).wrap(closure, {"x": x})
+    replay = EvaluationLog(path, "toy").wrap(closure, {"x": x})
     for point, first in zip(points, recorded, strict=True):
         with torch.no_grad():
             x.copy_(point)
@@ -128,7 +138,7 @@ def test_an_evaluation_that_raised_raises_again_on_replay(tmp_path) -> None:
         else:
             loss, (grad,) = replay()
             assert float(loss) == float(first[0]) and torch.equal(grad, first[1][0])
-    assert len(calls) == 3  # nothing was computed again
+    assert len(calls) == 4  # only the first replayed evaluation was computed again (the check)
 
 
 def test_a_last_line_cut_by_a_kill_is_computed_again(tmp_path) -> None:
@@ -136,7 +146,7 @@ def test_a_last_line_cut_by_a_kill_is_computed_again(tmp_path) -> None:
     log = tmp_path / "row-cholesky.jsonl"
     full = fit_quality.fit_once("single", X, Y, "cholesky", log)
     lines = log.read_text().splitlines()
-    log.write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])  # killed while writing line 5
+    log.write_text("\n".join(lines[:6]) + "\n" + lines[6][: len(lines[6]) // 2])  # killed writing evaluation 5
     resumed = fit_quality.fit_once("single", X, Y, "cholesky", log)
     assert resumed.replayed_evaluations == 5 and resumed.exact_mll == full.exact_mll
     assert _path(log.read_text().splitlines()) == _path(lines)

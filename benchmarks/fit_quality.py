@@ -157,6 +157,8 @@ class FitResult:
     refreshed_calls: int = 0
     raised_cap_calls: int = 0
     replayed_evaluations: int = 0
+    dense_calls: int = 0  # calls a block computed by dense Cholesky (deterministic_dense_size)
+    dense_handovers: int = 0  # of which, calls that handed their covariance over (their Lanczos steps discarded)
 
 
 def method_context(method: str) -> contextlib.ExitStack:
@@ -212,7 +214,9 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluatio
         ExactMarginalLogLikelihood.forward = forward
     lanczos = [c for c in calls if c.route == "lanczos"]
     steps = [int(c.iterations.max()) for c in lanczos]
-    discarded = sum(c.discarded_iterations for c in lanczos)  # capped runs a refresh or a raised cap threw away
+    dense = [c for c in calls if getattr(c, "block_dense", False)]
+    # capped runs a refresh, a raised cap or a hand-over to dense Cholesky threw away
+    discarded = sum(c.discarded_iterations for c in lanczos) + sum(c.discarded_iterations for c in dense)
     replayed, replayed_cpu, checks = (log.replayed, log.replayed_cpu_s, int(log.checked)) if log else (0, 0.0, 0)
     return FitResult(
         method=method,
@@ -233,6 +237,8 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluatio
         / max(sum(steps) + discarded, 1),
         refreshed_calls=sum(bool(c.preconditioner_refreshed) for c in lanczos),
         raised_cap_calls=sum(bool(c.step_cap_raised) for c in lanczos),
+        dense_calls=len(dense),
+        dense_handovers=sum(c.discarded_iterations > 0 for c in dense),
     )
 
 
@@ -265,6 +271,8 @@ def _counts(r: dict) -> str:
         cell += f", {r['refreshed_calls']} refreshed"
     if "raised_cap_calls" in r:
         cell += f", {r['raised_cap_calls']} raised cap"
+    if r.get("dense_calls"):
+        cell += f"; {r['dense_calls']} dense ({r['dense_handovers']} hand-overs)"
     return cell
 
 
@@ -272,7 +280,7 @@ def to_markdown(rows: list[dict]) -> str:
     head = (
         "| row | n | method | exact MLL/pt | gap to Cholesky | ABNORMAL | NumericalWarning | attempts | routes "
         "| CPU s | CPU / Cholesky | evaluations | Lanczos calls: mean steps, unconverged (their share of the steps); "
-        "calls with a fixed preconditioner, refreshed, raised step cap |\n"
+        "calls with a fixed preconditioner, refreshed, raised step cap; dense Cholesky calls (hand-overs) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
@@ -324,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"lanczos calls {r['lanczos_calls']} (mean steps {r['mean_lanczos_steps']:.0f}, "
                 f"unconverged {r['unconverged_calls']}, {r['unconverged_step_share']:.0%} of the steps; "
                 f"fixed preconditioner {r['fixed_calls']}, refreshed {r.get('refreshed_calls', 0)}, "
-                f"raised cap {r.get('raised_cap_calls', 0)})",
+                f"raised cap {r.get('raised_cap_calls', 0)}; dense calls {r.get('dense_calls', 0)}, "
+                f"hand-overs {r.get('dense_handovers', 0)})",
                 flush=True,
             )
         order = {k: i for i, k in enumerate(ROWS)}

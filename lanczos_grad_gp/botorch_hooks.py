@@ -13,11 +13,11 @@ the noise by orders of magnitude): the estimate's variance grows away from where
 the run ends on the optimum of a noisier estimate. So after each run the estimator is rebuilt at the
 end point (a new scope: new preconditioner, same probes) and evaluated once; if that value differs
 from the run's final value by more than :data:`REBUILD_TOL`, or the run replaced a held factor (one that
-left a call unconverged: the run's objective changed there, and L-BFGS's curvature pairs mix the two
-estimators), the run is repeated from there, at most :data:`MAX_RUNS` runs in all. A preconditioner
-built at ``θ`` makes the estimate exact at ``θ`` up to ``O(ρ)`` when it meets its trace tolerance, and
-reruns only happen after runs that held a rank-limited one fixed;
-their estimator is then built near the optimum, where its spread is smallest. Each run is one
+left a call unconverged) or handed a covariance to dense Cholesky (the run's objective changed there, and
+L-BFGS's curvature pairs mix the two objectives), the run is repeated from there, at most :data:`MAX_RUNS`
+runs in all. A preconditioner built at ``θ`` makes the estimate exact at ``θ`` up to ``O(ρ)`` when it meets
+its trace tolerance, and reruns only happen after runs that held a rank-limited one fixed; their estimator is
+then built near the optimum, where its spread is smallest. Each run is one
 deterministic objective, which is what the line search needs. Reruns never follow a run that
 stopped on ``maxiter``, a timeout or a callback, and share the caller's ``timeout_sec``.
 
@@ -90,8 +90,10 @@ def _fixed_parts_used() -> bool:
 
 
 def _factor_replaced() -> bool:
-    """Whether the open block replaced a held factor that left a call unconverged (the run's objective changed)."""
-    return settings.deterministic_objective.value().refreshed > 0
+    """Whether the open block replaced a held factor that left a call unconverged, or handed a covariance to
+    dense Cholesky after earlier calls (either way the run's objective changed)."""
+    scope = settings.deterministic_objective.value()
+    return scope.refreshed > 0 or scope.dense_switches > 0
 
 
 def _rerun_failed(error: BaseException) -> None:

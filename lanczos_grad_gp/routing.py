@@ -15,7 +15,11 @@ of three routes, decided from the operator's size and class only (never from ten
     factors, ...): that method runs, as in stock GPyTorch. If it falls back to the generic
     method, that inner call is routed again and recorded separately.
 ``"lanczos"``
-    everything else: :func:`lanczos_grad_gp.inv_quad_logdet`, forward-only Lanczos gradients.
+    everything else: :func:`lanczos_grad_gp.inv_quad_logdet`, forward-only Lanczos gradients. Inside a
+    :class:`~lanczos_grad_gp.settings.deterministic_objective` block (BoTorch's L-BFGS fits) a covariance
+    whose call stays unconverged at ``max_lanczos_iter`` is handed to dense Cholesky for the rest of the
+    block (``n ≤ deterministic_dense_size``); those calls are recorded as ``"cholesky"`` with
+    ``block_dense=True``.
 
 :func:`lanczos_grad_gp.record_calls` receives one entry per routed call: an
 :class:`~lanczos_grad_gp.InvQuadLogdetInfo` for ``"lanczos"``, a :class:`RouteInfo` for the
@@ -45,6 +49,11 @@ class RouteInfo:
         operator: the covariance's class name.
         reason: why this route was taken, in words.
         converged: always True (both routes are exact computations).
+        block_dense: a :class:`~lanczos_grad_gp.settings.deterministic_objective` block computed this call by
+            dense Cholesky after Lanczos stopped unconverged at ``max_lanczos_iter`` (at this call, or an
+            earlier one of the block: ``deterministic_dense_size``), not the router by size.
+        discarded_iterations: steps of the Lanczos runs this call threw away before its hand-over (0 for the
+            block's later dense calls and for the router's routes).
     """
 
     route: str
@@ -53,6 +62,8 @@ class RouteInfo:
     operator: str
     reason: str
     converged: bool = True
+    block_dense: bool = False
+    discarded_iterations: int = 0
 
 
 def own_inv_quad_logdet(op: object) -> type | None:

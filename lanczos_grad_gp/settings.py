@@ -26,6 +26,7 @@ __all__ = [
     "use_lanczos_grad",
     "max_lanczos_iter",
     "deterministic_max_lanczos_iter",
+    "deterministic_dense_size",
     "lanczos_tol",
     "num_probes",
     "probe_seed",
@@ -92,6 +93,22 @@ class deterministic_max_lanczos_iter(max_lanczos_iter):
     basis, ``8 n m (t + N)`` bytes in float64); a value ``≤ max_lanczos_iter`` turns this off. (Default: 1000)"""
 
     _default = 1000
+
+
+class deterministic_dense_size(_thread_local_value):
+    """Largest ``n`` at which a :class:`deterministic_objective` block hands a covariance to dense Cholesky when
+    one of its calls stops unconverged at ``max_lanczos_iter`` (after the block's factor replacement, where one
+    was tried): that call and the block's later calls of the same covariance are computed exactly, as GPyTorch's
+    Cholesky does (:mod:`lanczos_grad_gp.functions.dense_block`). At these sizes the factorization (``n³/3``
+    flops) costs less than the steps such a call would need; memory is ``O(n²)`` (8 n² bytes per matrix in
+    float64: 800 MB at 10000; a batch counts with all its matrices). Above it, or at 0, the call is run again
+    with :class:`deterministic_max_lanczos_iter` steps instead. (Default: 10000)"""
+
+    _default = 10000
+
+    @classmethod
+    def _validate(cls, value: Any) -> int:
+        return _positive_int(cls.__name__, value, allow_zero=True)
 
 
 class lanczos_tol(_thread_local_value):
@@ -276,7 +293,8 @@ class deterministic_objective(_thread_local_flag):
 
     A rank-limited preconditioner and the probes are held fixed per covariance key, so the value is the function
     whose gradient is returned (docs/mathematics.md, "Deterministic objectives"); other factors are rebuilt. A
-    call still unconverged at ``max_lanczos_iter`` is run again with :class:`deterministic_max_lanczos_iter` steps.
+    call still unconverged at ``max_lanczos_iter`` hands its covariance to dense Cholesky for the rest of the block
+    (up to :class:`deterministic_dense_size`) or is run again with :class:`deterministic_max_lanczos_iter` steps.
     Under the flag BoTorch's L-BFGS runs open a block each; each ``with`` opens a new scope. (Default: no scope)
     """
 
@@ -306,6 +324,7 @@ def current_settings() -> dict[str, Any]:
             use_lanczos_grad,
             max_lanczos_iter,
             deterministic_max_lanczos_iter,
+            deterministic_dense_size,
             lanczos_tol,
             num_probes,
             probe_seed,

@@ -62,6 +62,8 @@ def _lanczos(rank: int, tol: float = 1e-10) -> contextlib.ExitStack:
     stack.enter_context(lgg.settings.max_preconditioner_size(rank))
     stack.enter_context(lgg.settings.lanczos_tol(tol))
     stack.enter_context(lgg.settings.max_lanczos_iter(400))
+    # the dense hand-over off: these tests are of the Lanczos rules (tests/test_dense_handover.py: the hand-over)
+    stack.enter_context(lgg.settings.deterministic_dense_size(0))
     return stack
 
 

@@ -65,3 +65,11 @@ def may_raise_step_cap(converged: bool, attainable: bool, max_iter: int) -> bool
     ``attainable``) is run again with :class:`~lanczos_grad_gp.settings.deterministic_max_lanczos_iter` steps:
     a truncated estimate is biased, and a line search takes its errors for progress."""
     return not converged and attainable and settings.deterministic_max_lanczos_iter.value() > max_iter
+
+
+def may_hand_to_dense(converged: bool, attainable: bool, fits: bool) -> bool:
+    """Whether a call of a block that ended unconverged at the step cap (not at a round-off floor) hands its
+    covariance to dense Cholesky for the rest of the block: it ``fits``
+    (:func:`~lanczos_grad_gp.functions.dense_block.dense_fits`, ``n ≤ deterministic_dense_size``). Tried before
+    the raised step cap, which stays the rule above that size."""
+    return not converged and attainable and fits

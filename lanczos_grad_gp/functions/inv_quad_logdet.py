@@ -23,7 +23,8 @@ The run itself, its options and its diagnostics are in :mod:`.gp_run` (the share
 :func:`lanczos_grad_gp.core.engine.lanczos_forward`, with the two column groups). This module chooses the
 preconditioner and probes of each call, applies the rules of a deterministic-objective block
 (:mod:`.block_rules`: hold a rank-limited factor and the probes, replace a held factor that leaves a call
-unconverged, run a call still at the step cap again with the block's cap), retries with jitter where ``A``
+unconverged, hand a covariance still at the step cap to dense Cholesky (:mod:`.dense_block`) or run the call
+again with the block's cap), retries with jitter where ``A``
 is numerically not positive definite, warns, and publishes the diagnostics through
 :func:`lanczos_grad_gp.record_calls`.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
+from typing import Any
 
 import torch
 from linear_operator import settings as lo_settings
@@ -44,22 +46,45 @@ from .. import settings
 from ..core.preconditioners import select_preconditioner
 from ..core.probes import gp_probes
 from ..diagnostics import record, record_calls, warn_not_converged
-from .block_rules import FrozenParts, may_raise_step_cap, may_refresh, rank_limited
+from ..routing import RouteInfo
+from .block_rules import FrozenParts, may_hand_to_dense, may_raise_step_cap, may_refresh, rank_limited
+from .dense_block import dense_fits, dense_inv_quad_logdet
 from .gp_run import GPOptions, InvQuadLogdetInfo, lanczos_run
 from .validation import check_inv_quad_logdet_args
 
 __all__ = ["inv_quad_logdet", "InvQuadLogdetInfo", "GPOptions", "record_calls"]
 
+_HANDED = "a deterministic_objective block handed this covariance to dense Cholesky"
+
+
+def _dense_call(
+    A: LinearOperator, rhs: Tensor | None, want_logdet: bool, scope: Any, reason: str, discarded: int = 0
+) -> tuple[Tensor, Tensor, RouteInfo] | None:
+    """One call of a block by dense Cholesky (:mod:`.dense_block`), or ``None`` where the factorization fails."""
+    dense = dense_inv_quad_logdet(A, rhs, want_logdet)
+    if dense is None:
+        return None
+    scope.dense_calls += 1
+    n, name = A.shape[-1], type(A).__name__
+    info = RouteInfo("cholesky", n, A.batch_shape, name, reason, block_dense=True, discarded_iterations=discarded)
+    return dense[0], dense[1], info
+
 
 def _forward(
     A: LinearOperator, rhs: Tensor | None, want_logdet: bool, options: GPOptions
-) -> tuple[Tensor, Tensor, InvQuadLogdetInfo]:
+) -> tuple[Tensor, Tensor, InvQuadLogdetInfo | RouteInfo]:
     """Values (with forward-only gradients attached) and diagnostics of one call."""
     n, batch, dtype, device = A.shape[-1], A.batch_shape, A.dtype, A.device
     t = 0 if rhs is None else rhs.shape[-1]
     exact_trace = want_logdet and n <= options.num_probes
     scope = settings.deterministic_objective.value() if want_logdet and not exact_trace else None
     key = (batch, n, dtype, device, options, settings.preconditioner_override.value())
+    if scope is not None:
+        scope.estimating_calls += 1
+    if scope is not None and key in scope.dense:  # handed over earlier in the block (a failed factorization: Lanczos)
+        handed = _dense_call(A, rhs, want_logdet, scope, f"{_HANDED} at an earlier call (n = {n})")
+        if handed is not None:
+            return handed
     with torch.no_grad():
         precond = select_preconditioner(
             A,
@@ -102,6 +127,17 @@ def _forward(
                 dropped = repeat[2]
             discarded = int(dropped.iterations.max())
             del repeat, dropped
+    if scope is not None and may_hand_to_dense(info.converged, info.attainable, dense_fits(A)):
+        # Still at the step cap where the covariance is small enough to factor: this call and the block's later
+        # calls of the key are exact (the factorization costs less than the steps it would need).
+        steps = discarded + int(info.iterations.max())
+        reason = f"{_HANDED}: Lanczos stopped at {options.max_iter} steps unconverged ({steps} steps discarded)"
+        handed = _dense_call(A, rhs, want_logdet, scope, reason, discarded=steps)
+        if handed is not None:
+            scope.dense.add(key)
+            scope.dense_handovers += 1
+            scope.dense_switches += scope.estimating_calls > 1  # L-BFGS saw estimates before: the objective changed
+            return handed
     if scope is not None and may_raise_step_cap(info.converged, info.attainable, options.max_iter):
         # Still at the step cap: a truncated value is biased and a line search follows it. The block's own
         # estimator (its held factor and probes, or this call's factor) is run again with the block's cap.
@@ -123,7 +159,7 @@ def _forward(
 
 def _forward_with_jitter(
     A: LinearOperator, rhs: Tensor | None, want_logdet: bool, options: GPOptions
-) -> tuple[Tensor, Tensor, InvQuadLogdetInfo]:
+) -> tuple[Tensor, Tensor, InvQuadLogdetInfo | RouteInfo]:
     """:func:`_forward`, retried with diagonal jitter when ``A`` is numerically not positive definite.
 
     As forgiving as GPyTorch's Cholesky (``psd_safe_cholesky``): float32 round-off in a covariance
@@ -149,11 +185,11 @@ def _forward_with_jitter(
             NumericalWarning,
             stacklevel=3,
         )
-        return inv_quad, logdet, replace(info, jitter=amount)
+        return inv_quad, logdet, (replace(info, jitter=amount) if isinstance(info, InvQuadLogdetInfo) else info)
     raise error
 
 
-def _warn_if_not_converged(info: InvQuadLogdetInfo) -> None:
+def _warn_if_not_converged(info: InvQuadLogdetInfo | RouteInfo) -> None:
     """Never return an unconverged result silently (GPyTorch warns the same way when CG stops early)."""
     if info.converged:
         return

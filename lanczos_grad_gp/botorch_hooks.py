@@ -16,8 +16,8 @@ from the run's final value by more than :data:`REBUILD_TOL`, or the run replaced
 left a call unconverged) or handed a covariance to dense Cholesky (the run's objective changed there, and
 L-BFGS's curvature pairs mix the two objectives), the run is repeated from there, at most :data:`MAX_RUNS`
 runs in all. A preconditioner built at ``θ`` makes the estimate exact at ``θ`` up to ``O(ρ)`` when it meets
-its trace tolerance, and reruns only happen after runs that held a rank-limited one fixed; their estimator is
-then built near the optimum, where its spread is smallest. Each run is one
+its trace tolerance, and reruns only happen after runs that held a rank-limited one fixed or changed their
+objective; their estimator is then built near the optimum, where its spread is smallest. Each run is one
 deterministic objective, which is what the line search needs. Reruns never follow a run that
 stopped on ``maxiter``, a timeout or a callback, and share the caller's ``timeout_sec``.
 
@@ -85,7 +85,8 @@ def _active() -> bool:
 
 
 def _fixed_parts_used() -> bool:
-    """Whether the open block held a preconditioner fixed (a rank-limited, stochastic estimate)."""
+    """Whether the open block held a preconditioner fixed (a rank-limited, stochastic estimate; a run whose
+    objective changed, :func:`_factor_replaced`, is rerun whether or not it held one)."""
     return settings.deterministic_objective.value().calls > 0
 
 
@@ -154,11 +155,13 @@ _Rerun = tuple[Callable[[], Any], Any, Callable[[], Any], Callable[[], None]]
 
 def _repeat_runs(first: Callable[[], Any], next_run: Callable[[Any], _Rerun | None]) -> Any:
     """Run ``first`` in a fresh block, then rerun (at most :data:`MAX_RUNS` runs in all) while it held parts
-    fixed, ``next_run(result)`` plans a rerun (``None``: the run was stopped, or no time is left) and the
-    rebuilt estimator's value moved or the run replaced a held factor (:func:`_rerun_if_moved`)."""
+    fixed or changed its objective, ``next_run(result)`` plans a rerun (``None``: the run was stopped, or no
+    time is left) and the rebuilt estimator's value moved or the run's objective changed
+    (:func:`_rerun_if_moved`)."""
     with settings.deterministic_objective():
         result = first()
-        rerun, changed = _fixed_parts_used(), _factor_replaced()
+        changed = _factor_replaced()
+        rerun = _fixed_parts_used() or changed
     for _ in range(MAX_RUNS - 1):
         plan = next_run(result) if rerun else None
         if plan is None:
@@ -194,7 +197,8 @@ def _rerun_if_moved(
             restore()
             _rerun_failed(error)
             return None, False, False
-        return new, _fixed_parts_used(), _factor_replaced()
+        changed = _factor_replaced()
+        return new, _fixed_parts_used() or changed, changed
 
 
 def _closure_value(closure: Any) -> float:

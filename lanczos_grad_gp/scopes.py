@@ -26,7 +26,9 @@ class ObjectiveScope:
     refresh_attempts: int = 0  # repeats with a fresh factor (kept or not)
     raised_step_caps: int = 0  # calls run again with deterministic_max_lanczos_iter steps (still at the cap)
     dense: set[Any] = field(default_factory=set)  # keys whose calls the block computes by dense Cholesky
-    estimating_calls: int = 0  # calls of the block that estimate a log-determinant (every route)
+    estimating_calls: int = 0  # calls of the GP routine in the block that estimate a log-determinant
     dense_handovers: int = 0  # calls still at the step cap that handed their key to dense Cholesky
-    dense_switches: int = 0  # hand-overs after earlier calls of the block (its objective changed there)
+    # hand-overs after earlier calls of the block, and handed keys whose factorization failed later (back to
+    # Lanczos): each changed the block's objective
+    dense_switches: int = 0
     dense_calls: int = 0  # calls computed by dense Cholesky (the hand-overs included)

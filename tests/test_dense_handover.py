@@ -150,17 +150,92 @@ def test_a_failed_factorization_falls_back_to_the_raised_cap(monkeypatch):
     """Where the Cholesky fails even with jitter (``NotPSDError``) the block keeps Lanczos: the raised step cap
     runs, nothing is handed over, and a later call tries the hand-over again."""
     module = sys.modules["lanczos_grad_gp.functions.dense_block"]
+    real, failures = module.psd_safe_cholesky, []
 
-    def failing(*args, **kwargs):
-        raise NotPSDError("simulated")
+    def failing_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise NotPSDError("simulated")
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "psd_safe_cholesky", failing)
+    monkeypatch.setattr(module, "psd_safe_cholesky", failing_once)
     covariance, kernel, rhs = _problem()
     with _capped(), lgg.record_calls() as calls, lgg.settings.deterministic_objective():
         lgg.inv_quad_logdet(covariance(0.05), rhs, logdet=True)
         scope = lgg.settings.deterministic_objective.value()
+        assert scope.dense_handovers == 0 and not scope.dense
+        later = _value_and_grad(covariance, kernel, rhs, 0.05)
     assert calls[0].route == "lanczos" and calls[0].step_cap_raised and calls[0].converged
-    assert scope.dense_handovers == 0 and not scope.dense
+    assert calls[1].route == "cholesky" and scope.dense_handovers == 1 and scope.dense_switches == 1
+    _close(*later, *_dense_reference(covariance, kernel, rhs, 0.05))
+
+
+def test_a_handed_key_whose_factorization_fails_later_goes_back_to_lanczos(monkeypatch):
+    """The switch back is a change of the block's objective (counted, so BoTorch reruns), and the failed
+    factorization is not tried a second time in the same call."""
+    module = sys.modules["lanczos_grad_gp.functions.dense_block"]
+    real, attempts = module.psd_safe_cholesky, []
+
+    def failing_after_first(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) > 1:
+            raise NotPSDError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "psd_safe_cholesky", failing_after_first)
+    covariance, kernel, rhs = _problem()
+    with _capped(), lgg.record_calls() as calls, lgg.settings.deterministic_objective():
+        lgg.inv_quad_logdet(covariance(0.05), rhs, logdet=True)
+        lgg.inv_quad_logdet(covariance(0.05), rhs, logdet=True)
+        scope = lgg.settings.deterministic_objective.value()
+    assert [c.route for c in calls] == ["cholesky", "lanczos"] and len(attempts) == 2
+    assert calls[1].step_cap_raised and calls[1].converged
+    assert not scope.dense and scope.dense_handovers == 1 and scope.dense_switches == 1
+
+
+def test_a_jitter_retry_counts_as_one_call_and_says_so(monkeypatch):
+    """Lanczos finds the block's first covariance not positive definite; the retry with jitter hands over. That
+    is still the block's first call (no change of objective), and the record says the jitter was added."""
+    module = sys.modules["lanczos_grad_gp.functions.inv_quad_logdet"]
+    run, raised = module.lanczos_run, []
+
+    def not_pd_once(*args, **kwargs):
+        if not raised:
+            raised.append(1)
+            raise NotPSDError("simulated")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(module, "lanczos_run", not_pd_once)
+    covariance, _, rhs = _problem()
+    with _capped(), lgg.record_calls() as calls, lgg.settings.deterministic_objective():
+        with pytest.warns(lgg.diagnostics.NumericalWarning, match="jitter"):
+            lgg.inv_quad_logdet(covariance(0.05), rhs, logdet=True)
+        scope = lgg.settings.deterministic_objective.value()
+    assert calls[0].route == "cholesky" and "jitter 1.0e-08 added" in calls[0].reason
+    assert scope.estimating_calls == 1 and scope.dense_switches == 0
+
+
+def test_dense_fits_refuses_operators_it_cannot_gather():
+    from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
+
+    from lanczos_grad_gp.functions.dense_block import dense_fits
+
+    A = DenseLinearOperator(torch.eye(4, dtype=F64))
+    assert dense_fits(A)
+    assert not dense_fits(A + DiagLinearOperator(torch.ones(4, dtype=F64, device="meta")))  # two devices
+    with lgg.settings.deterministic_dense_size(3):
+        assert not dense_fits(A)
+
+
+def test_dense_values_without_logdet_or_rhs():
+    from lanczos_grad_gp.functions.dense_block import dense_inv_quad_logdet
+
+    covariance, _, rhs = _problem(n=50)
+    K = covariance(0.3).to_dense().detach()
+    inv_quad, logdet = dense_inv_quad_logdet(covariance(0.3), rhs, False)
+    assert torch.allclose(inv_quad, (rhs * torch.linalg.solve(K, rhs)).sum(-2), rtol=1e-10) and logdet == 0
+    inv_quad, logdet = dense_inv_quad_logdet(covariance(0.3), None, True)
+    assert inv_quad.shape == (0,) and torch.allclose(logdet, torch.logdet(K), rtol=1e-12)
 
 
 def test_user_tensors_unchanged_and_rhs_gradient():
@@ -178,7 +253,7 @@ def test_user_tensors_unchanged_and_rhs_gradient():
 def test_setting_validated():
     with pytest.raises(ValueError, match="deterministic_dense_size"):
         lgg.settings.deterministic_dense_size(-1)
-    assert lgg.settings.current_settings()["deterministic_dense_size"] == 10000
+    assert lgg.settings.current_settings()["deterministic_dense_size"] == 5000
 
 
 def _fit(x, y, flag: bool):

@@ -615,6 +615,31 @@ def test_a_run_whose_factor_was_replaced_is_rerun(replace_in_runs, runs):
     assert torch.allclose(parameters["x"], torch.ones(2, dtype=F64), atol=1e-5)
 
 
+def test_a_run_that_switched_to_dense_cholesky_is_rerun_without_fixed_parts():
+    """A hand-over after earlier calls changes the objective even where the block held no factor (preconditioning
+    off, or factors that meet their tolerance): the run is rerun from its end point all the same."""
+    from botorch.optim import core
+
+    parameters = {"x": torch.zeros(2, dtype=F64, requires_grad=True)}
+    scopes: list[object] = []
+
+    def closure():
+        scope = lgg.settings.deterministic_objective.value()
+        if not scopes or scopes[-1] is not scope:
+            scopes.append(scope)
+            if len(scopes) == 1:
+                scope.dense_switches += 1  # as the GP routine counts a hand-over after earlier calls
+        loss = ((parameters["x"] - 1.0) ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, [parameters["x"]])
+        return loss.detach(), [grad]
+
+    with lgg.settings.use_lanczos_grad():
+        core.scipy_minimize(closure, parameters)
+    assert all(s.calls == 0 for s in scopes)  # no fixed parts anywhere
+    assert len(scopes) == 2  # the first run and its rerun (no fixed parts, no change: no further check)
+    assert torch.allclose(parameters["x"], torch.ones(2, dtype=F64), atol=1e-5)
+
+
 def test_a_failing_rerun_keeps_the_previous_result():
     from botorch.optim import core
 

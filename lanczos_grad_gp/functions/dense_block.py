@@ -11,11 +11,17 @@ same covariance key in the block are computed exactly instead,
     K = L L^\top,\qquad r^\top K^{-1} r = \lVert L^{-1} r\rVert^2,\qquad \log\det K = 2 \sum_i \log L_{ii},
 
 with autograd gradients through the dense kernel — GPyTorch's own Cholesky computation
-(``psd_safe_cholesky``, the same jitter and ``NumericalWarning``). At these sizes that is also the cheaper
-computation: the factorization costs ``n³/3`` flops, ``m`` Lanczos steps over ``t + N`` columns about
-``2 m (t + N) n²``, so beyond ``m ≈ n / (6 (t + N))`` steps — 76 at ``n = 5000`` with 11 columns, 152 at
-``n = 10000`` — the factorization is cheaper than the steps alone (and the raised step cap,
-:class:`~lanczos_grad_gp.settings.deterministic_max_lanczos_iter`, lets a call take up to 1000).
+(``psd_safe_cholesky``, the same jitter and ``NumericalWarning``). Whether that is cheaper than more steps
+depends on ``n``: the factorization and its backward cost ``O(n³)``, a Lanczos step over ``t + N`` columns
+``O((t + N) n²)`` plus its share of the gradient. Measured on one CPU thread (``ScaleKernel(RBF)``, ``d = 6``,
+float64, value and gradient, ``benchmarks/README.md`` "Dense hand-over"): at ``n = 3000`` a dense call took
+3.7 s against 5.4 s for a 100-step Lanczos call; at ``n = 5000`` 15 s against 10.5 s at 100 steps and 17.9 s
+at 300, a break-even near 220 steps. A call that reached the cap needs more than 100 (Hartmann6 at
+``n = 5000``: a mean of 259 with the raised cap, plus the 100 or 200 thrown away), and later calls of a fit
+need about as many. The break-even grows about linearly with ``n`` (``n³`` against ``n²``: near 630 steps at
+``n = 10000``), hence the default size 5000. Memory is that of GPyTorch's Cholesky path: the matrix, its factor
+and the kernel's autograd graph, about 14 ``n × n`` matrices in value and gradient (measured at ``n = 2000``;
+2.8 GB at 5000 in float64).
 
 The block's objective changes once, from the fixed-probe estimate to the exact value: the same kind of change
 as a replaced factor, and one after which the values are exact rather than estimated.
@@ -24,6 +30,7 @@ as a replaced factor, and one after which the values are exact rather than estim
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from linear_operator.operators import LinearOperator
@@ -37,20 +44,37 @@ __all__ = ["dense_fits", "dense_inv_quad_logdet"]
 
 
 def dense_fits(A: LinearOperator) -> bool:
-    """Whether ``A`` is small enough for the block's dense hand-over: ``n ≤ deterministic_dense_size`` and the
-    batch's dense matrices together hold at most ``deterministic_dense_size²`` entries."""
+    """Whether ``A`` may be handed to dense Cholesky: ``n ≤ deterministic_dense_size``, the batch's dense
+    matrices together hold at most ``deterministic_dense_size²`` entries, all its tensors are on its device
+    (not a multi-device kernel) and it is not row-sharded over processes (``torch.distributed``: every rank
+    would build the whole matrix)."""
     size = settings.deterministic_dense_size.value()
     n = A.shape[-1]
-    return 0 < n <= size and math.prod(A.batch_shape) * n * n <= size * size
+    if not (0 < n <= size and math.prod(A.batch_shape) * n * n <= size * size):
+        return False
+    from ..distributed.operator import RowShardedLinearOperator
+
+    return all(t.device == A.device for t in A.representation()) and not any(
+        isinstance(op, RowShardedLinearOperator) for op in _operators(A)
+    )
+
+
+def _operators(op: LinearOperator) -> Iterator[LinearOperator]:
+    """``op`` and the linear operators among its arguments, recursively."""
+    yield op
+    for arg in getattr(op, "_args", ()):
+        if isinstance(arg, LinearOperator):
+            yield from _operators(arg)
 
 
 def dense_inv_quad_logdet(A: LinearOperator, rhs: Tensor | None, want_logdet: bool) -> tuple[Tensor, Tensor] | None:
     """``(r^T K^{-1} r`` per column ``(*batch, t)``, ``log det K`` ``(*batch)``) by dense Cholesky, with autograd
-    gradients; ``None`` where the Cholesky fails even with GPyTorch's jitter (``NotPSDError``)."""
-    K = A.to_dense()  # (*batch, n, n), differentiable in the kernel's parameters
+    gradients; ``None`` where the Cholesky fails even with GPyTorch's jitter (``NotPSDError``) or the matrix
+    does not fit in memory (the caller then keeps Lanczos)."""
     try:
+        K = A.to_dense()  # (*batch, n, n), differentiable in the kernel's parameters
         L = psd_safe_cholesky(K)
-    except NotPSDError:
+    except (NotPSDError, torch.OutOfMemoryError):
         return None
     batch = A.batch_shape
     if rhs is None:

@@ -71,20 +71,25 @@ def _dense_call(
 
 
 def _forward(
-    A: LinearOperator, rhs: Tensor | None, want_logdet: bool, options: GPOptions
+    A: LinearOperator, rhs: Tensor | None, want_logdet: bool, options: GPOptions, retry: bool = False
 ) -> tuple[Tensor, Tensor, InvQuadLogdetInfo | RouteInfo]:
-    """Values (with forward-only gradients attached) and diagnostics of one call."""
+    """Values (with forward-only gradients attached) and diagnostics of one call (``retry``: with jitter)."""
     n, batch, dtype, device = A.shape[-1], A.batch_shape, A.dtype, A.device
     t = 0 if rhs is None else rhs.shape[-1]
     exact_trace = want_logdet and n <= options.num_probes
     scope = settings.deterministic_objective.value() if want_logdet and not exact_trace else None
     key = (batch, n, dtype, device, options, settings.preconditioner_override.value())
-    if scope is not None:
+    if scope is not None and not retry:
         scope.estimating_calls += 1
-    if scope is not None and key in scope.dense:  # handed over earlier in the block (a failed factorization: Lanczos)
+    tried_dense = False
+    if scope is not None and key in scope.dense and dense_fits(A):  # handed over earlier in the block
         handed = _dense_call(A, rhs, want_logdet, scope, f"{_HANDED} at an earlier call (n = {n})")
         if handed is not None:
             return handed
+        # the factorization failed at this θ: back to the block's Lanczos estimator (its objective changes again)
+        scope.dense.discard(key)
+        scope.dense_switches += 1
+        tried_dense = True
     with torch.no_grad():
         precond = select_preconditioner(
             A,
@@ -127,7 +132,7 @@ def _forward(
                 dropped = repeat[2]
             discarded = int(dropped.iterations.max())
             del repeat, dropped
-    if scope is not None and may_hand_to_dense(info.converged, info.attainable, dense_fits(A)):
+    if scope is not None and not tried_dense and may_hand_to_dense(info.converged, info.attainable, dense_fits(A)):
         # Still at the step cap where the covariance is small enough to factor: this call and the block's later
         # calls of the key are exact (the factorization costs less than the steps it would need).
         steps = discarded + int(info.iterations.max())
@@ -176,7 +181,7 @@ def _forward_with_jitter(
     for attempt in range(lo_settings.cholesky_max_tries.value()):
         amount = jitter * 10**attempt
         try:
-            inv_quad, logdet, info = _forward(A.add_jitter(amount), rhs, want_logdet, options)
+            inv_quad, logdet, info = _forward(A.add_jitter(amount), rhs, want_logdet, options, retry=True)
         except NotPSDError:
             continue
         warnings.warn(
@@ -185,7 +190,9 @@ def _forward_with_jitter(
             NumericalWarning,
             stacklevel=3,
         )
-        return inv_quad, logdet, (replace(info, jitter=amount) if isinstance(info, InvQuadLogdetInfo) else info)
+        if isinstance(info, RouteInfo):  # a block's dense call of the jittered matrix
+            return inv_quad, logdet, replace(info, reason=f"{info.reason}; jitter {amount:.1e} added to A")
+        return inv_quad, logdet, replace(info, jitter=amount)
     raise error
 
 

@@ -15,7 +15,7 @@ with autograd gradients through the dense kernel — GPyTorch's own Cholesky com
 depends on ``n``: the factorization and its backward cost ``O(n³)``, a Lanczos step over ``t + N`` columns
 ``O((t + N) n²)`` plus its share of the gradient. Measured on one CPU thread (``ScaleKernel(RBF)``, ``d = 6``,
 float64, value and gradient, ``benchmarks/README.md`` "Dense hand-over"): at ``n = 3000`` a dense call took
-3.7 s against 5.4 s for a 100-step Lanczos call; at ``n = 5000`` 15 s against 10.5 s at 100 steps and 17.9 s
+3.4 s against 4.5 s for a 100-step Lanczos call; at ``n = 5000`` 14.8 s against 10.4 s at 100 steps and 17.8 s
 at 300, a break-even near 220 steps. A call that reached the cap needs more than 100 (Hartmann6 at
 ``n = 5000``: a mean of 259 with the raised cap, plus the 100 or 200 thrown away), and later calls of a fit
 need about as many. The break-even grows about linearly with ``n`` (``n³`` against ``n²``: near 630 steps at

@@ -5,7 +5,7 @@ Run from the repository root::
     python -m benchmarks.fit_quality --quick        # BO sizes, a few minutes on 2 CPU cores
     python -m benchmarks.fit_quality                # every row, including n = 5000 (about an hour)
     python -m benchmarks.fit_quality --rows hartmann6-single-5000
-    # a Cholesky reference that outlasts the machine: rerun the same command to go on where it stopped
+    # a fit that outlasts the machine: rerun the same command to go on where it stopped
     python -m benchmarks.fit_quality --rows pol-single-5000 --methods cholesky \
         --evaluation-log benchmarks/results/fit_logs
 
@@ -172,17 +172,43 @@ def method_context(method: str) -> contextlib.ExitStack:
     return stack
 
 
+def call_counts(calls: list, caught: list) -> dict[str, int]:
+    """Running totals of what a fit reports, from :func:`lgg.record_calls` and the caught warnings (additive,
+    so a resumed fit adds the replayed evaluations' recorded share: :mod:`benchmarks.fit_replay`)."""
+    lanczos = [c for c in calls if c.route == "lanczos"]
+    dense = [c for c in calls if getattr(c, "block_dense", False)]
+    steps = [int(c.iterations.max()) for c in lanczos]
+    counts = {
+        "abnormal": sum("ABNORMAL" in str(w.message) for w in caught),
+        "numerical_warnings": sum(issubclass(w.category, lgg.diagnostics.NumericalWarning) for w in caught),
+        "lanczos_calls": len(lanczos),
+        "lanczos_steps": sum(steps),
+        # capped runs a refresh, a raised cap or a hand-over to dense Cholesky threw away
+        "discarded_steps": sum(c.discarded_iterations for c in lanczos) + sum(c.discarded_iterations for c in dense),
+        "unconverged_calls": sum(not c.converged for c in lanczos),
+        "unconverged_steps": sum(s for s, c in zip(steps, lanczos, strict=True) if not c.converged),
+        "fixed_calls": sum(bool(c.fixed_preconditioner) for c in lanczos),
+        "refreshed_calls": sum(bool(c.preconditioner_refreshed) for c in lanczos),
+        "raised_cap_calls": sum(bool(c.step_cap_raised) for c in lanczos),
+        "dense_calls": len(dense),
+        "dense_handovers": sum(c.discarded_iterations > 0 for c in dense),
+    }
+    for c in calls:
+        counts[f"route:{c.route}"] = counts.get(f"route:{c.route}", 0) + 1
+    return counts
+
+
 def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluation_log: Path | None = None) -> FitResult:
-    """One fit by ``method``; with ``evaluation_log`` (Cholesky, single-output models only) the fit resumes
-    from, and extends, that log of its evaluations (:mod:`benchmarks.fit_replay`)."""
-    if evaluation_log is not None and (method != "cholesky" or kind not in ("single", "fixed_noise")):
+    """One fit by ``method``; with ``evaluation_log`` (single-output models only) the fit resumes from, and
+    extends, that log of its evaluations (:mod:`benchmarks.fit_replay`)."""
+    if evaluation_log is not None and kind not in ("single", "fixed_noise"):
         raise ValueError(
-            f"evaluation_log: only a stock Cholesky fit of a single-output model can be resumed, got method "
-            f"{method!r}, kind {kind!r} (the flag's deterministic-objective block keeps state the replay skips)"
+            f"evaluation_log: only a fit of a single-output model can be resumed, got kind {kind!r} (BoTorch fits a "
+            "ModelListGP output by output, and a batched model's covariances share one block key)"
         )
     model, mll = make_model(kind, X, Y)
     attempts = 0
-    log = None if evaluation_log is None else EvaluationLog(evaluation_log, fit_fingerprint(X, Y, kind, method))
+    log: EvaluationLog | None = None
 
     def counting_optimizer(mll, closure=None, **kwargs):
         nonlocal attempts
@@ -207,38 +233,40 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluatio
     try:
         with warnings.catch_warnings(record=True) as caught, lgg.record_calls() as calls:
             warnings.simplefilter("always")
+            if evaluation_log is not None:
+                fingerprint = fit_fingerprint(X, Y, kind, method)
+                log = EvaluationLog(evaluation_log, fingerprint, counts=lambda: call_counts(calls, caught))
             with method_context(method):
                 fit_gpytorch_mll(mll, optimizer=counting_optimizer)
     finally:
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         ExactMarginalLogLikelihood.forward = forward
-    lanczos = [c for c in calls if c.route == "lanczos"]
-    steps = [int(c.iterations.max()) for c in lanczos]
-    dense = [c for c in calls if getattr(c, "block_dense", False)]
-    # capped runs a refresh, a raised cap or a hand-over to dense Cholesky threw away
-    discarded = sum(c.discarded_iterations for c in lanczos) + sum(c.discarded_iterations for c in dense)
+    totals = call_counts(calls, caught)
     replayed, replayed_cpu, checks = (log.replayed, log.replayed_cpu_s, int(log.checked)) if log else (0, 0.0, 0)
+    if log is not None:  # the replayed evaluations' share, less the check's recomputation of one of them
+        for name in set(log.replayed_counts) | set(log.check_counts):
+            totals[name] = totals.get(name, 0) + log.replayed_counts.get(name, 0) - log.check_counts.get(name, 0)
+    steps, discarded = totals["lanczos_steps"], totals["discarded_steps"]
     return FitResult(
         method=method,
         exact_mll=exact_mll_per_point(model),
         cpu_s=cpu + replayed_cpu,  # a resumed fit: this run's CPU plus what the replayed evaluations took
         wall_s=wall,
-        abnormal=sum("ABNORMAL" in str(w.message) for w in caught),
-        numerical_warnings=sum(issubclass(w.category, lgg.diagnostics.NumericalWarning) for w in caught),
+        abnormal=totals["abnormal"],
+        numerical_warnings=totals["numerical_warnings"],
         attempts=attempts,
-        routes=sorted({c.route for c in calls}),
+        routes=sorted(name.removeprefix("route:") for name, k in totals.items() if name.startswith("route:") and k),
         evaluations=evaluations + replayed - checks,  # the replay's check is not an evaluation of the fit
         replayed_evaluations=replayed,
-        lanczos_calls=len(lanczos),
-        mean_lanczos_steps=(sum(steps) + discarded) / max(len(steps), 1),
-        unconverged_calls=sum(not c.converged for c in lanczos),
-        fixed_calls=sum(bool(c.fixed_preconditioner) for c in lanczos),
-        unconverged_step_share=(sum(s for s, c in zip(steps, lanczos, strict=True) if not c.converged) + discarded)
-        / max(sum(steps) + discarded, 1),
-        refreshed_calls=sum(bool(c.preconditioner_refreshed) for c in lanczos),
-        raised_cap_calls=sum(bool(c.step_cap_raised) for c in lanczos),
-        dense_calls=len(dense),
-        dense_handovers=sum(c.discarded_iterations > 0 for c in dense),
+        lanczos_calls=totals["lanczos_calls"],
+        mean_lanczos_steps=(steps + discarded) / max(totals["lanczos_calls"], 1),
+        unconverged_calls=totals["unconverged_calls"],
+        fixed_calls=totals["fixed_calls"],
+        unconverged_step_share=(totals["unconverged_steps"] + discarded) / max(steps + discarded, 1),
+        refreshed_calls=totals["refreshed_calls"],
+        raised_cap_calls=totals["raised_cap_calls"],
+        dense_calls=totals["dense_calls"],
+        dense_handovers=totals["dense_handovers"],
     )
 
 
@@ -246,13 +274,13 @@ METHODS = ("cholesky", "flag", "lanczos")
 
 
 def run_row(name: str, data_dir: Path, methods: tuple[str, ...] = METHODS, log_dir: Path | None = None) -> dict:
-    """One row; with ``log_dir`` its Cholesky fit resumes from ``<log_dir>/<row>-cholesky.jsonl``."""
+    """One row; with ``log_dir`` each fit resumes from ``<log_dir>/<row>-<method>.jsonl``."""
     data, kind, n = ROWS[name]
     X, Y = make_data(data, n, seed=0, data_dir=data_dir)
     threshold = gpytorch.settings.max_cholesky_size.value()
     wanted = ["cholesky", "flag"] + (["lanczos"] if n <= threshold else [])  # lanczos: only where it differs
-    log = None if log_dir is None else log_dir / f"{name}-cholesky.jsonl"
-    results = [fit_once(kind, X, Y, m, log if m == "cholesky" else None) for m in wanted if m in methods]
+    logs = {m: None if log_dir is None else log_dir / f"{name}-{m}.jsonl" for m in wanted}
+    results = [fit_once(kind, X, Y, m, logs[m]) for m in wanted if m in methods]
     for r in results:
         r.gap = results[0].exact_mll - r.exact_mll if results[0].method == "cholesky" else float("nan")
     return {"row": name, "data": data, "kind": kind, "n": n, "d": X.shape[-1], "results": [asdict(r) for r in results]}
@@ -308,13 +336,13 @@ def main(argv: list[str] | None = None) -> None:
         "--evaluation-log",
         type=Path,
         default=None,
-        help="folder of resumable Cholesky-fit logs (<row>-cholesky.jsonl): a stopped reference fit goes on "
-        "where it stopped; only with --methods cholesky and single-output rows (benchmarks/fit_replay.py)",
+        help="folder of resumable fit logs (<row>-<method>.jsonl): a stopped fit goes on where it stopped; "
+        "single-output rows only (benchmarks/fit_replay.py)",
     )
     args = p.parse_args(argv)
-    if args.evaluation_log is not None and args.methods != ["cholesky"]:
-        p.error("--evaluation-log: only with --methods cholesky (the flag's fit cannot be replayed)")
     names = args.rows or (QUICK if args.quick else list(ROWS))
+    if args.evaluation_log is not None and any(ROWS[r][1] not in ("single", "fixed_noise") for r in names):
+        p.error("--evaluation-log: only single-output rows (single, fixed_noise) can be resumed")
     out_json = args.out.with_suffix(".json")
     done = json.loads(out_json.read_text()) if out_json.exists() else []
     done = [r for r in done if r["row"] not in names]

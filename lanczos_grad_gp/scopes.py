@@ -26,6 +26,8 @@ class ObjectiveScope:
     refresh_attempts: int = 0  # repeats with a fresh factor (kept or not)
     raised_step_caps: int = 0  # calls run again with deterministic_max_lanczos_iter steps (still at the cap)
     dense: set[Any] = field(default_factory=set)  # keys whose calls the block computes by dense Cholesky
+    # every key that fits goes dense (a block restored after its hand-over: benchmarks/fit_replay.py)
+    dense_all_keys: bool = False
     estimating_calls: int = 0  # calls of the GP routine in the block that estimate a log-determinant
     dense_handovers: int = 0  # calls still at the step cap that handed their key to dense Cholesky
     # hand-overs after earlier calls of the block, and handed keys whose factorization failed later (back to

@@ -1,5 +1,6 @@
-"""``benchmarks.fit_replay``: a stopped Cholesky reference fit resumed from its evaluation log takes exactly
-the path of an uninterrupted fit (L-BFGS-B is deterministic given the same losses and gradients).
+"""``benchmarks.fit_replay``: a stopped fit resumed from its evaluation log takes exactly the path of an
+uninterrupted fit (L-BFGS-B is deterministic given the same losses and gradients): a stock Cholesky fit, and a
+fit under the flag (whose deterministic-objective blocks' state the log records).
 
 Oracle: the same fit run without a log, in the same process (same threads, so bit-identical
 computation); the resumed fit must match its fitted parameters and exact MLL bit for bit and must
@@ -76,16 +77,98 @@ def test_a_log_from_another_run_is_refused(tmp_path) -> None:
         fit_quality.fit_once("single", X, Y, "cholesky", log)
 
 
-@pytest.mark.parametrize(("kind", "method"), [("single", "flag"), ("single", "lanczos"), ("model_list", "cholesky")])
-def test_only_stock_cholesky_single_output_fits_take_a_log(tmp_path, kind: str, method: str) -> None:
+@pytest.mark.parametrize(("kind", "method"), [("model_list", "cholesky"), ("batched", "flag")])
+def test_only_single_output_fits_take_a_log(tmp_path, kind: str, method: str) -> None:
     X, Y = _data("branincurrin")
     with pytest.raises(ValueError, match="evaluation_log"):
         fit_quality.fit_once(kind, X, Y, method, tmp_path / "log.jsonl")
 
 
-def test_cli_refuses_a_log_for_the_flag(tmp_path) -> None:
+def test_cli_refuses_a_log_for_a_multi_output_row(tmp_path) -> None:
     with pytest.raises(SystemExit):
-        fit_quality.main(["--rows", "branin-single-30", "--methods", "flag", "--evaluation-log", str(tmp_path)])
+        fit_quality.main(["--rows", "branincurrin-model_list-200", "--evaluation-log", str(tmp_path)])
+
+
+def _capped_lanczos():
+    """Lanczos forced with a rank-20 factor and 100 steps: Hartmann6 at n = 200 then holds factors, hands its
+    covariance to dense Cholesky in the first L-BFGS run and holds factors again in three reruns."""
+    import contextlib
+
+    import lanczos_grad_gp as lgg
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(lgg.settings.max_preconditioner_size(20))
+    stack.enter_context(lgg.settings.max_lanczos_iter(100))
+    return stack
+
+
+REPORTED = ("exact_mll", "evaluations", "attempts", "abnormal", "numerical_warnings", "routes", "lanczos_calls")
+REPORTED += ("mean_lanczos_steps", "unconverged_calls", "fixed_calls", "refreshed_calls", "raised_cap_calls")
+REPORTED += ("dense_calls", "dense_handovers", "unconverged_step_share")
+
+
+def _flag_fit(log=None):
+    X, Y = _data(n=200)
+    with _capped_lanczos():
+        return fit_quality.fit_once("single", X, Y, "lanczos", log)
+
+
+def test_a_flag_fit_resumes_in_a_handed_over_block(tmp_path) -> None:
+    """The flag's fit, stopped in the first run after its hand-over to dense Cholesky, resumes on the path of the
+    uninterrupted fit: same fitted model, same reported counts (warnings, Lanczos and dense calls), same log."""
+    from benchmarks.fit_replay import EvaluationLog
+
+    plain = _flag_fit()
+    log = tmp_path / "row-lanczos.jsonl"
+    logged = _flag_fit(log)
+    for name in REPORTED:
+        assert getattr(logged, name) == getattr(plain, name), name
+    lines = log.read_text().splitlines()
+    entries = [json.loads(line) for line in lines[1:]]
+    blocks = [e["block"] for e in entries]
+    states = [(e["state"]["frozen"], e["state"]["dense"]) for e in entries]
+    assert blocks[0] == 1 and blocks[-1] == 4 and plain.dense_handovers >= 1 and plain.fixed_calls > 0
+    assert states[0] == (True, False) and (True, True) in states  # a held factor, then the hand-over
+    cut = max(i for i, (b, st) in enumerate(zip(blocks, states, strict=True)) if b == 1 and st[1]) - 3
+    log.write_text("\n".join(lines[: 1 + cut]) + "\n")
+    assert EvaluationLog(log, json.loads(lines[0])["fingerprint"]).dropped == 0
+    resumed = _flag_fit(log)
+    assert resumed.replayed_evaluations == cut
+    for name in REPORTED:
+        assert getattr(resumed, name) == getattr(plain, name), name
+    assert _path(log.read_text().splitlines()) == _path(lines)
+
+
+def test_a_flag_log_cut_where_a_block_holds_a_factor_goes_back_to_a_resumable_point(tmp_path) -> None:
+    """In a block that holds a factor (a replay does not rebuild it) the log is cut back to the last evaluation
+    after which the fit can go on live; the fit is still the uninterrupted one."""
+    from benchmarks.fit_replay import EvaluationLog, resumable
+
+    plain = _flag_fit()
+    log = tmp_path / "row-lanczos.jsonl"
+    _flag_fit(log)
+    lines = log.read_text().splitlines()
+    entries = [json.loads(line) for line in lines[1:]]
+    cut = len(entries) - 2
+    assert not resumable(entries[cut - 1])  # the last run holds factors
+    log.write_text("\n".join(lines[: 1 + cut]) + "\n")
+    kept = EvaluationLog(log, json.loads(lines[0])["fingerprint"])
+    assert kept.dropped > 0 and resumable(kept.entries[-1]) and len(kept.entries) == cut - kept.dropped
+    resumed = _flag_fit(log)
+    assert resumed.replayed_evaluations == len(kept.entries)
+    for name in REPORTED:
+        assert getattr(resumed, name) == getattr(plain, name), name
+    assert _path(log.read_text().splitlines()) == _path(lines)
+
+
+def test_a_flag_log_with_other_blocks_is_refused(tmp_path) -> None:
+    log = tmp_path / "row-lanczos.jsonl"
+    _flag_fit(log)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    entries[5]["block"] += 1  # evaluation 4 recorded in another block than the replay puts it in
+    log.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    with pytest.raises(RuntimeError, match="another block"):
+        _flag_fit(log)
 
 
 def test_cli_writes_and_resumes_the_row_log(tmp_path) -> None:

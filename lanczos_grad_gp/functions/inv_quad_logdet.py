@@ -82,12 +82,13 @@ def _forward(
     if scope is not None and not retry:
         scope.estimating_calls += 1
     tried_dense = False
-    if scope is not None and key in scope.dense and dense_fits(A):  # handed over earlier in the block
+    if scope is not None and (key in scope.dense or scope.dense_all_keys) and dense_fits(A):  # handed over earlier
         handed = _dense_call(A, rhs, want_logdet, scope, f"{_HANDED} at an earlier call (n = {n})")
         if handed is not None:
             return handed
         # the factorization failed at this θ: back to the block's Lanczos estimator (its objective changes again)
         scope.dense.discard(key)
+        scope.dense_all_keys = False
         scope.dense_switches += 1
         tried_dense = True
     with torch.no_grad():

@@ -5,7 +5,9 @@ that is still unconverged at ``max_lanczos_iter`` — with the block's held fact
 at its own ``θ`` where one was tried — needs many more Lanczos steps: its truncated value is biased, and a
 line search follows the bias. Where the covariance is small enough to factor
 (``n ≤`` :class:`~lanczos_grad_gp.settings.deterministic_dense_size`), that call and every later call of the
-same covariance key in the block are computed exactly instead,
+same covariance key in the block whose factor is rank-limited are computed exactly instead (a later call whose
+fresh factor meets its trace tolerance stays on Lanczos: exact up to ``O(ρ)``, as in any block, and far
+cheaper),
 
 .. math::
     K = L L^\top,\qquad r^\top K^{-1} r = \lVert L^{-1} r\rVert^2,\qquad \log\det K = 2 \sum_i \log L_{ii},

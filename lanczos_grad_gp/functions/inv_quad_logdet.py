@@ -81,16 +81,6 @@ def _forward(
     key = (batch, n, dtype, device, options, settings.preconditioner_override.value())
     if scope is not None and not retry:
         scope.estimating_calls += 1
-    tried_dense = False
-    if scope is not None and (key in scope.dense or scope.dense_all_keys) and dense_fits(A):  # handed over earlier
-        handed = _dense_call(A, rhs, want_logdet, scope, f"{_HANDED} at an earlier call (n = {n})")
-        if handed is not None:
-            return handed
-        # the factorization failed at this θ: back to the block's Lanczos estimator (its objective changes again)
-        scope.dense.discard(key)
-        scope.dense_all_keys = False
-        scope.dense_switches += 1
-        tried_dense = True
     with torch.no_grad():
         precond = select_preconditioner(
             A,
@@ -103,9 +93,22 @@ def _forward(
     # In a deterministic-objective scope a rank-limited factor is replaced by the key's fixed one (the
     # first rank-limited factor of the scope, stored with the probes, or the factor that replaced it); a
     # factor that meets its trace tolerance is used as built: exact up to O(ρ), hence consistent.
+    limited = rank_limited(precond, options.max_preconditioner_size, n)
+    tried_dense = False
+    if scope is not None and limited and (key in scope.dense or scope.dense_all_keys) and dense_fits(A):
+        # handed over earlier in the block: a rank-limited call is exact by Cholesky (one whose factor meets its
+        # tolerance stays Lanczos below: exact up to O(ρ) as everywhere in a block, and far cheaper)
+        handed = _dense_call(A, rhs, want_logdet, scope, f"{_HANDED} at an earlier call (n = {n})")
+        if handed is not None:
+            return handed
+        # the factorization failed at this θ: back to the block's Lanczos estimator (its objective changes again)
+        scope.dense.discard(key)
+        scope.dense_all_keys = False
+        scope.dense_switches += 1
+        tried_dense = True
     frozen: FrozenParts | None = None
     built = precond
-    if scope is not None and rank_limited(precond, options.max_preconditioner_size, n):
+    if scope is not None and limited:
         frozen = scope.frozen.get(key)
         if frozen is None:
             z = gp_probes(batch, n, options.num_probes, seed=options.probe_seed, dtype=dtype, device=device)

@@ -60,7 +60,7 @@ import lanczos_grad_gp as lgg
 from lanczos_grad_gp.app.datasets import load_uci
 
 from .common import DEFAULT_DATA_DIR, REPO_ROOT, dataset_dir
-from .fit_replay import EvaluationLog, fit_fingerprint
+from .fit_replay import EvaluationLog, code_fingerprint, fit_fingerprint
 
 F64 = torch.float64
 SYNTHETIC = {"branin": Branin, "hartmann6": lambda: Hartmann(dim=6), "branincurrin": BraninCurrin}
@@ -172,15 +172,13 @@ def method_context(method: str) -> contextlib.ExitStack:
     return stack
 
 
-def call_counts(calls: list, caught: list) -> dict[str, int]:
-    """Running totals of what a fit reports, from :func:`lgg.record_calls` and the caught warnings (additive,
-    so a resumed fit adds the replayed evaluations' recorded share: :mod:`benchmarks.fit_replay`)."""
+def call_counts(calls: list) -> dict[str, int]:
+    """What a fit reports of its :func:`lgg.record_calls` entries (additive over slices, so a resumed fit adds
+    the replayed evaluations' recorded counts: :mod:`benchmarks.fit_replay`)."""
     lanczos = [c for c in calls if c.route == "lanczos"]
     dense = [c for c in calls if getattr(c, "block_dense", False)]
     steps = [int(c.iterations.max()) for c in lanczos]
     counts = {
-        "abnormal": sum("ABNORMAL" in str(w.message) for w in caught),
-        "numerical_warnings": sum(issubclass(w.category, lgg.diagnostics.NumericalWarning) for w in caught),
         "lanczos_calls": len(lanczos),
         "lanczos_steps": sum(steps),
         # capped runs a refresh, a raised cap or a hand-over to dense Cholesky threw away
@@ -234,15 +232,24 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluatio
         with warnings.catch_warnings(record=True) as caught, lgg.record_calls() as calls:
             warnings.simplefilter("always")
             if evaluation_log is not None:
-                fingerprint = fit_fingerprint(X, Y, kind, method)
-                log = EvaluationLog(evaluation_log, fingerprint, counts=lambda: call_counts(calls, caught))
+                labels = (kind, method)
+                if method != "cholesky":  # the GP routine's rules act at every call: name the code and settings
+                    labels += (code_fingerprint(), repr(sorted(lgg.settings.current_settings().items())))
+                log = EvaluationLog(evaluation_log, fit_fingerprint(X, Y, *labels), calls, call_counts)
             with method_context(method):
                 fit_gpytorch_mll(mll, optimizer=counting_optimizer)
+            if log is not None:
+                log.finish()
     finally:
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         ExactMarginalLogLikelihood.forward = forward
-    totals = call_counts(calls, caught)
+    totals = call_counts(calls)
+    # warnings from the caught list: replayed evaluations raise their recorded ones again, the check drops its own
+    totals["abnormal"] = sum("ABNORMAL" in str(w.message) for w in caught)
+    totals["numerical_warnings"] = sum(issubclass(w.category, lgg.diagnostics.NumericalWarning) for w in caught)
     replayed, replayed_cpu, checks = (log.replayed, log.replayed_cpu_s, int(log.checked)) if log else (0, 0.0, 0)
+    if log is not None:
+        replayed_cpu -= log.check_cpu_s  # the check is counted in this run's CPU already
     if log is not None:  # the replayed evaluations' share, less the check's recomputation of one of them
         for name in set(log.replayed_counts) | set(log.check_counts):
             totals[name] = totals.get(name, 0) + log.replayed_counts.get(name, 0) - log.check_counts.get(name, 0)

@@ -21,18 +21,28 @@ records its block (a new block is a new scope) and that block's state after it (
 replayed evaluation must fall in the same block, and puts the recorded counters and hand-over back into the
 live scope (:func:`restore_block_state`). A held factor is not rebuilt by a replay, so a fit resumes only
 after an evaluation whose block held none or had handed its covariance to dense Cholesky (exact values, no
-held factor needed): the evaluations after the last such one are dropped from the log and computed again.
-For a flag fit of pol at n = 5000 that is every evaluation after the first call of each block, since the
-covariance is handed over at once. Each evaluation also records the counts the benchmark reports
-(warnings, Lanczos and dense calls), so a resumed fit reports the same totals as an uninterrupted one.
+held factor needed): the evaluations after the last such one are dropped from the log and computed again
+(and should a resumed block's dense factorization later fail, which sends the call back to the held factor,
+the fit stops with a ``RuntimeError`` instead of taking another path).
+A flag fit of pol at n = 5000 holds a factor for its first 15 evaluations and hands its covariance over at
+the 16th; from there on every evaluation of that run is a resume point. Warnings raised inside an evaluation
+are recorded and raised again when it is replayed (BoTorch collects an attempt's warnings and raises them
+after it), and each evaluation records the counts the benchmark reports of its calls (Lanczos and dense
+calls, steps), so a resumed fit reports the totals of an uninterrupted one. A finished fit's log ends with a
+``{"complete": true}`` line and is replayed whole. Since a flag fit depends on the GP routine's rules at every
+call (which the check of the first replayed evaluation cannot see), its fingerprint also names the library's
+code (syntax trees without docstrings: :func:`code_fingerprint`) and the settings in force.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import json
+import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +71,7 @@ def block_state(scope: Any) -> dict[str, Any] | None:
     if scope is None:
         return None
     state: dict[str, Any] = {name: getattr(scope, name) for name in SCOPE_COUNTERS}
-    state["frozen"] = bool(scope.frozen)
+    state["frozen"] = len(scope.frozen)  # covariance keys holding a factor
     state["dense"] = bool(scope.dense) or scope.dense_all_keys
     return state
 
@@ -78,12 +88,29 @@ def restore_block_state(scope: Any, state: dict[str, Any] | None) -> None:
 def resumable(entry: dict[str, Any]) -> bool:
     """Whether a fit can go on live after ``entry``: its block held no factor, or had handed over (a replay
     does not rebuild a held factor; dense calls do not need one)."""
-    state = entry.get("state")
-    return state is None or not state["frozen"] or state["dense"]
+    state = entry.get("state")  # one key at most: a restored hand-over covers every key (dense_all_keys)
+    return state is None or state["frozen"] == 0 or (state["frozen"] == 1 and state["dense"])
+
+
+def code_fingerprint(package: Any = lgg) -> str:
+    """A digest of a package's code without its docstrings and comments (its modules' syntax trees): a fit under
+    the flag depends on the GP routine's rules at every call, which the check of the first replayed evaluation
+    cannot see, so its log names the code it was written by (editing prose keeps it)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(package.__file__).parent.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+                if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+        digest.update(str(path.relative_to(Path(package.__file__).parent)).encode())
+        digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()
 
 
 def fit_fingerprint(X: Tensor, Y: Tensor, *labels: str) -> str:
-    """A digest of the training data and of ``labels`` (model kind, method) that names one fit."""
+    """A digest of the training data and of ``labels`` (model kind, method, code) that names one fit."""
     digest = hashlib.sha256("|".join(labels).encode())
     for t in (X, Y):
         digest.update(str((tuple(t.shape), t.dtype)).encode())
@@ -94,37 +121,59 @@ def fit_fingerprint(X: Tensor, Y: Tensor, *labels: str) -> str:
 class EvaluationLog:
     """The recorded evaluations of one fit (all of BoTorch's attempts, in order), replayed, then extended."""
 
-    def __init__(self, path: Path, fingerprint: str, counts: Callable[[], dict[str, int]] | None = None) -> None:
-        """``fingerprint``: what the fit is of (data, model, method); a log of another one is refused.
-        ``counts``: the fit's running totals of what the benchmark reports (warnings, calls); each evaluation
-        records how much it added, and replayed ones add it to :attr:`replayed_counts`."""
+    def __init__(
+        self,
+        path: Path,
+        fingerprint: str,
+        calls: list | None = None,
+        summarize: Callable[[list], dict[str, int]] | None = None,
+    ) -> None:
+        """``fingerprint``: what the fit is of (data, model, method, code); a log of another one is refused.
+        ``calls``: the fit's :func:`lgg.record_calls` list, and ``summarize(calls)`` the additive counts the
+        benchmark reports of a slice of it; each evaluation records the counts of its own calls, and replayed
+        ones add theirs to :attr:`replayed_counts`. Warnings raised inside an evaluation are recorded and
+        raised again when it is replayed."""
         self.path = path
-        self.counts = counts
+        self.calls, self.summarize = calls, summarize
         lines = [line for line in (path.read_text().splitlines() if path.exists() else []) if line.strip()]
+        rewrite = not lines
         if lines and not _is_record(lines[-1]):  # a write cut short by a kill: drop it (it is computed again)
             lines.pop()
-            path.write_text("".join(line + "\n" for line in lines))
+            rewrite = True
         if not lines:
-            path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+            lines = [json.dumps({"fingerprint": fingerprint})]
         elif json.loads(lines[0]).get("fingerprint") != fingerprint:
-            raise RuntimeError(f"{path}: the log records another fit (other data, model or method): not replayed")
+            raise RuntimeError(f"{path}: the log records another fit (other data, model, method or code): not replayed")
         entries = [json.loads(line) for line in lines[1:]]  # any other broken line raises
+        self.complete = bool(entries) and entries[-1].get("complete", False)  # a finished fit: replay it all
+        if self.complete:
+            entries, lines = entries[:-1], lines[:-1]
         keep = len(entries)
-        while keep and not resumable(entries[keep - 1]):  # inside a block that holds a factor: go back
+        while keep and not self.complete and not resumable(entries[keep - 1]):  # a block holds a factor: go back
             keep -= 1
-        if keep < len(entries):
-            path.write_text("".join(line + "\n" for line in lines[: keep + 1]))
         self.entries = entries[:keep]
         self.dropped = len(entries) - keep  # evaluations after the last resumable one, computed again
-        self.replayed_counts: dict[str, int] = {}  # what the replayed evaluations added to ``counts``
-        self.check_counts: dict[str, int] = {}  # what the check's recomputation added (not the fit's)
+        # the file is rewritten (cut back, or started) only at the first live evaluation, after the check
+        self._pending = lines[: keep + 1] if rewrite or keep < len(entries) else None
+        self.replayed_counts: dict[str, int] = {}  # what the replayed evaluations' calls counted
+        self.check_counts: dict[str, int] = {}  # what the check's recomputation counted (not the fit's)
+        self.check_cpu_s = 0.0  # CPU of the check (not the fit's)
         self.block = 0  # the deterministic-objective block of the current evaluation (0: none yet)
         self._scope: Any = None
+        self._restored: dict[str, Any] | None = None  # the state a replay put into the live block, if any
         self.checked = False  # the first replayed evaluation is computed again and compared (code changes);
         # that one extra closure call is not an evaluation of the fit (its counters subtract it)
         self.position = 0  # the next recorded evaluation to answer
         self.replayed = 0  # evaluations answered from the log
         self.replayed_cpu_s = 0.0  # CPU the replayed evaluations took when they were computed
+
+    def finish(self) -> None:
+        """Mark the fit complete: a later run replays all of it instead of cutting it back."""
+        if not self.complete and self.position == len(self.entries):
+            self._write_pending()
+            with self.path.open("a") as f:
+                f.write(json.dumps({"complete": True}) + "\n")
+            self.complete = True
 
     def wrap(
         self, closure: Callable[[], tuple[Tensor, Sequence[Tensor | None]]], parameters: dict[str, Tensor]
@@ -136,7 +185,7 @@ class EvaluationLog:
             x = [float(v) for p in params for v in p.detach().reshape(-1).tolist()]
             scope = lgg.settings.deterministic_objective.value()
             if scope is not None and scope is not self._scope:  # BoTorch's wrapper opened a new block
-                self._scope, self.block = scope, self.block + 1
+                self._scope, self.block, self._restored = scope, self.block + 1, None
             if self.position < len(self.entries):
                 entry = self.entries[self.position]
                 if entry["x"] != x or entry.get("block", self.block) != self.block:
@@ -147,12 +196,13 @@ class EvaluationLog:
                     )
                 if not self.checked:
                     self._check_against(entry, closure)
-                    restore_block_state(scope, entry.get("state"))  # the check added to the live counters
                 self.position += 1
                 self.replayed += 1
                 self.replayed_cpu_s += entry["cpu_s"]
                 _add(self.replayed_counts, entry.get("counts", {}))
                 restore_block_state(scope, entry.get("state"))
+                self._restored = entry.get("state")
+                _raise_again(entry.get("warnings", []))
                 if "error" in entry:
                     raise _rebuilt_error(entry["error"])
                 grads = tuple(
@@ -162,38 +212,60 @@ class EvaluationLog:
                 for p, g in zip(params, grads, strict=True):
                     p.grad = g
                 return torch.tensor(entry["loss"], dtype=params[0].dtype, device=params[0].device), grads
-            cpu, before = time.process_time(), self._counts()
-            try:
-                loss, grads = closure()
-            except Exception as error:  # BoTorch's array closure handles some (NotPSDError): replay them too
-                self._append({"x": x, "error": _error_record(error), **self._context(cpu, before, scope)})
-                raise
-            grads_list = [None if g is None else g.detach().reshape(-1).tolist() for g in grads]
-            self._append({"x": x, "loss": float(loss), "grads": grads_list, **self._context(cpu, before, scope)})
-            return loss, tuple(grads)
+            return self._live(closure, x, scope)
 
         return replaying
 
-    def _counts(self) -> dict[str, int]:
-        return {} if self.counts is None else self.counts()
-
-    def _context(self, cpu: float, before: dict[str, int], scope: Any) -> dict[str, Any]:
-        """What an evaluation records besides its values: CPU, the counts it added, its block and its state."""
-        entry: dict[str, Any] = {"cpu_s": time.process_time() - cpu, "counts": _difference(self._counts(), before)}
+    def _live(self, closure: Callable, x: list[float], scope: Any) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        """Compute an evaluation and append it (with its warnings, calls, block and state)."""
+        cpu, first = time.process_time(), len(self.calls) if self.calls is not None else 0
+        switches = None if scope is None else scope.dense_switches
+        error: Exception | None = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                loss, grads = closure()
+            except Exception as raised:  # BoTorch's array closure handles some (NotPSDError): replay them too
+                error = raised
+        entry: dict[str, Any] = {"x": x}
+        if error is None:
+            entry["loss"] = float(loss)
+            entry["grads"] = [None if g is None else g.detach().reshape(-1).tolist() for g in grads]
+        else:
+            entry["error"] = _error_record(error)
+        entry["cpu_s"] = time.process_time() - cpu
+        entry["warnings"] = [_warning_record(w) for w in caught]
+        if self.calls is not None and self.summarize is not None:
+            entry["counts"] = {k: v for k, v in self.summarize(self.calls[first:]).items() if v}
         if scope is not None:
             entry["block"], entry["state"] = self.block, block_state(scope)
-        return entry
+            if self._restored is not None and self._restored["frozen"] and scope.dense_switches != switches:
+                raise RuntimeError(  # the block went back to its held factor, which a replay does not rebuild
+                    f"{self.path}: a resumed block fell back from dense Cholesky to its held factor at evaluation "
+                    f"{self.position}; the replay cannot rebuild that factor: delete the log and rerun the fit"
+                )
+        self._append(entry)
+        for w in caught:  # as the closure raised them: BoTorch and the caller see the same warnings
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if error is not None:
+            raise error
+        return loss, tuple(grads)
 
     def _check_against(self, entry: dict, closure: Callable[[], tuple[Tensor, Sequence[Tensor | None]]]) -> None:
         """Compute the first replayed evaluation again: a loss that differs beyond the rounding of another
-        thread count (relative 1e-8) means the code or settings changed since the log was written."""
+        thread count (relative 1e-8) means the code or settings changed since the log was written. Its
+        warnings are dropped (the replay raises the recorded ones), its calls and CPU kept apart."""
         self.checked = True
-        before = self._counts()
-        try:
-            loss = float(closure()[0])
-        except Exception:  # noqa: BLE001 - the recorded evaluation must have raised too
-            loss = None
-        self.check_counts = _difference(self._counts(), before)
+        cpu, first = time.process_time(), len(self.calls) if self.calls is not None else 0
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            try:
+                loss = float(closure()[0])
+            except Exception:  # noqa: BLE001 - the recorded evaluation must have raised too
+                loss = None
+        self.check_cpu_s = time.process_time() - cpu
+        if self.calls is not None and self.summarize is not None:
+            self.check_counts = self.summarize(self.calls[first:])
         recorded = entry.get("loss")
         same = loss == recorded if loss is None or recorded is None else abs(loss - recorded) <= 1e-8 * abs(recorded)
         if not same:
@@ -202,11 +274,37 @@ class EvaluationLog:
                 "the code or settings changed since it was written: not replayed"
             )
 
+    def _write_pending(self) -> None:
+        """Rewrite the file as this run keeps it (started, or cut back), atomically."""
+        if self._pending is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in self._pending))
+        os.replace(tmp, self.path)
+        self._pending = None
+
     def _append(self, entry: dict) -> None:
+        self._write_pending()
         with self.path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
         self.entries.append(entry)
         self.position += 1
+
+
+def _warning_record(w: warnings.WarningMessage) -> dict[str, Any]:
+    klass = w.category
+    return {"category": f"{klass.__module__}:{klass.__qualname__}", "message": str(w.message)}
+
+
+def _raise_again(records: list[dict[str, Any]]) -> None:
+    """Raise recorded warnings again (their class where it can be imported, else ``UserWarning``)."""
+    for record in records:
+        module, _, name = record["category"].partition(":")
+        try:
+            klass = getattr(importlib.import_module(module), name)
+        except Exception:  # noqa: BLE001 - a class that cannot be imported: keep the message
+            klass = UserWarning
+        warnings.warn(record["message"], klass, stacklevel=3)
 
 
 def _add(total: dict[str, int], more: dict[str, int]) -> None:

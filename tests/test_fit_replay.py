@@ -24,7 +24,7 @@ def _data(name: str = "hartmann6", n: int = 30):
 
 def _path(lines: list[str]) -> list[tuple]:
     """A log's evaluations (after its fingerprint line) without their CPU seconds (which differ run to run)."""
-    return [(e["x"], e["loss"], e["grads"]) for e in map(json.loads, lines[1:])]
+    return [(e["x"], e["loss"], e["grads"]) for e in map(json.loads, lines[1:]) if "x" in e]
 
 
 def test_resumed_fit_takes_the_uninterrupted_path(tmp_path) -> None:
@@ -36,10 +36,11 @@ def test_resumed_fit_takes_the_uninterrupted_path(tmp_path) -> None:
     assert logged.exact_mll == plain.exact_mll and logged.evaluations == plain.evaluations
     assert logged.replayed_evaluations == 0
     lines = log.read_text().splitlines()
-    assert len(lines) - 1 == plain.evaluations > 4  # a fingerprint, then one line per closure call
+    # a fingerprint, one line per closure call, and the mark of a finished fit
+    assert len(lines) - 2 == plain.evaluations > 4 and json.loads(lines[-1]) == {"complete": True}
 
     # "stop" the fit after half its evaluations, then resume
-    half = (len(lines) - 1) // 2
+    half = (len(lines) - 2) // 2
     log.write_text("\n".join(lines[: 1 + half]) + "\n")
     resumed = fit_quality.fit_once("single", X, Y, "cholesky", log)
     assert resumed.replayed_evaluations == half
@@ -124,7 +125,7 @@ def test_a_flag_fit_resumes_in_a_handed_over_block(tmp_path) -> None:
     for name in REPORTED:
         assert getattr(logged, name) == getattr(plain, name), name
     lines = log.read_text().splitlines()
-    entries = [json.loads(line) for line in lines[1:]]
+    entries = [json.loads(line) for line in lines[1:-1]]  # without the fingerprint and the complete mark
     blocks = [e["block"] for e in entries]
     states = [(e["state"]["frozen"], e["state"]["dense"]) for e in entries]
     assert blocks[0] == 1 and blocks[-1] == 4 and plain.dense_handovers >= 1 and plain.fixed_calls > 0
@@ -148,7 +149,7 @@ def test_a_flag_log_cut_where_a_block_holds_a_factor_goes_back_to_a_resumable_po
     log = tmp_path / "row-lanczos.jsonl"
     _flag_fit(log)
     lines = log.read_text().splitlines()
-    entries = [json.loads(line) for line in lines[1:]]
+    entries = [json.loads(line) for line in lines[1:-1]]
     cut = len(entries) - 2
     assert not resumable(entries[cut - 1])  # the last run holds factors
     log.write_text("\n".join(lines[: 1 + cut]) + "\n")
@@ -233,3 +234,59 @@ def test_a_last_line_cut_by_a_kill_is_computed_again(tmp_path) -> None:
     resumed = fit_quality.fit_once("single", X, Y, "cholesky", log)
     assert resumed.replayed_evaluations == 5 and resumed.exact_mll == full.exact_mll
     assert _path(log.read_text().splitlines()) == _path(lines)
+
+
+def test_warnings_of_an_evaluation_are_recorded_and_raised_again(tmp_path) -> None:
+    """BoTorch collects a fit attempt's warnings and raises them after it, so a replayed evaluation must raise
+    the ones it raised when it was computed (a resumed fit then reports the same NumericalWarnings); the check's
+    recomputation of the first one raises none of its own."""
+    import warnings
+
+    from linear_operator.utils.warnings import NumericalWarning
+
+    from benchmarks.fit_replay import EvaluationLog
+
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+
+    def closure():
+        warnings.warn("Lanczos stopped at the step cap", NumericalWarning, stacklevel=2)
+        loss = (x**2).sum()
+        return loss, torch.autograd.grad(loss, [x])
+
+    path = tmp_path / "log.jsonl"
+    with pytest.warns(NumericalWarning):
+        EvaluationLog(path, "toy").wrap(closure, {"x": x})()
+    entry = json.loads(path.read_text().splitlines()[1])
+    assert entry["warnings"] == [{"category": f"{NumericalWarning.__module__}:NumericalWarning",
+                                  "message": "Lanczos stopped at the step cap"}]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        EvaluationLog(path, "toy").wrap(closure, {"x": x})()  # the check computes it again, then it is replayed
+    assert [(w.category, str(w.message)) for w in caught] == [(NumericalWarning, "Lanczos stopped at the step cap")]
+
+
+def test_code_fingerprint_ignores_prose_not_code(tmp_path) -> None:
+    import types
+
+    from benchmarks.fit_replay import code_fingerprint
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    module = package / "__init__.py"
+    fake = types.SimpleNamespace(__file__=str(module))
+    module.write_text('"""Docs."""\n\n\ndef f(x):\n    """Twice x."""\n    return 2 * x  # doubled\n')
+    first = code_fingerprint(fake)
+    module.write_text('"""Other docs."""\n\n\ndef f(x):\n    """Two times x."""\n    return 2 * x  # other\n')
+    assert code_fingerprint(fake) == first
+    module.write_text('"""Docs."""\n\n\ndef f(x):\n    """Twice x."""\n    return 3 * x\n')
+    assert code_fingerprint(fake) != first
+
+
+def test_a_finished_flag_log_replays_whole(tmp_path) -> None:
+    """The last run of a finished flag fit holds a factor; the log's complete mark keeps it from being cut back."""
+    log = tmp_path / "row-lanczos.jsonl"
+    plain = _flag_fit(log)
+    again = _flag_fit(log)
+    assert again.replayed_evaluations == plain.evaluations
+    for name in REPORTED:
+        assert getattr(again, name) == getattr(plain, name), name

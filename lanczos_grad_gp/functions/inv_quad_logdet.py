@@ -143,9 +143,10 @@ def _forward(
         reason = f"{_HANDED}: Lanczos stopped at {options.max_iter} steps unconverged ({steps} steps discarded)"
         handed = _dense_call(A, rhs, want_logdet, scope, reason, discarded=steps)
         if handed is not None:
+            if key not in scope.dense and not scope.dense_all_keys:  # (a call of a handed key that was not
+                scope.dense_handovers += 1  # rank-limited and stopped at the cap: no new hand-over)
+                scope.dense_switches += scope.estimating_calls > 1  # L-BFGS saw estimates: the objective changed
             scope.dense.add(key)
-            scope.dense_handovers += 1
-            scope.dense_switches += scope.estimating_calls > 1  # L-BFGS saw estimates before: the objective changed
             return handed
     if scope is not None and may_raise_step_cap(info.converged, info.attainable, options.max_iter):
         # Still at the step cap: a truncated value is biased and a line search follows it. The block's own

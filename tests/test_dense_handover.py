@@ -163,19 +163,26 @@ def test_float32_handover_matches_float32_cholesky():
     _close(*value, *_dense_reference(covariance, kernel, rhs, 0.05), rtol=1e-5)
 
 
-def test_a_failed_factorization_falls_back_to_the_raised_cap(monkeypatch):
-    """Where the Cholesky fails even with jitter (``NotPSDError``) the block keeps Lanczos: the raised step cap
-    runs, nothing is handed over, and a later call tries the hand-over again."""
-    module = sys.modules["lanczos_grad_gp.functions.dense_block"]
-    real, failures = module.psd_safe_cholesky, []
+def _fail_on(monkeypatch, module: str, name: str, fails) -> list[int]:
+    """Make ``lanczos_grad_gp.functions.<module>.<name>`` raise ``NotPSDError`` at the calls where ``fails(i)``
+    (``i`` counts its calls from 0); returns the list of call indices seen."""
+    target = sys.modules[f"lanczos_grad_gp.functions.{module}"]
+    real, seen = getattr(target, name), []
 
-    def failing_once(*args, **kwargs):
-        if not failures:
-            failures.append(1)
+    def patched(*args, **kwargs):
+        seen.append(len(seen))
+        if fails(seen[-1]):
             raise NotPSDError("simulated")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "psd_safe_cholesky", failing_once)
+    monkeypatch.setattr(target, name, patched)
+    return seen
+
+
+def test_a_failed_factorization_falls_back_to_the_raised_cap(monkeypatch):
+    """Where the Cholesky fails even with jitter (``NotPSDError``) the block keeps Lanczos: the raised step cap
+    runs, nothing is handed over, and a later call tries the hand-over again."""
+    _fail_on(monkeypatch, "dense_block", "psd_safe_cholesky", lambda attempt: attempt == 0)
     covariance, kernel, rhs = _problem()
     with _capped(), lgg.record_calls() as calls, lgg.settings.deterministic_objective():
         lgg.inv_quad_logdet(covariance(0.05), rhs, logdet=True)
@@ -190,16 +197,7 @@ def test_a_failed_factorization_falls_back_to_the_raised_cap(monkeypatch):
 def test_a_handed_key_whose_factorization_fails_later_goes_back_to_lanczos(monkeypatch):
     """The switch back is a change of the block's objective (counted, so BoTorch reruns), and the failed
     factorization is not tried a second time in the same call."""
-    module = sys.modules["lanczos_grad_gp.functions.dense_block"]
-    real, attempts = module.psd_safe_cholesky, []
-
-    def failing_after_first(*args, **kwargs):
-        attempts.append(1)
-        if len(attempts) > 1:
-            raise NotPSDError("simulated")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "psd_safe_cholesky", failing_after_first)
+    attempts = _fail_on(monkeypatch, "dense_block", "psd_safe_cholesky", lambda attempt: attempt > 0)
     covariance, kernel, rhs = _problem()
     with _capped(), lgg.record_calls() as calls, lgg.settings.deterministic_objective():
         lgg.inv_quad_logdet(covariance(0.05), rhs, logdet=True)
@@ -213,16 +211,7 @@ def test_a_handed_key_whose_factorization_fails_later_goes_back_to_lanczos(monke
 def test_a_jitter_retry_counts_as_one_call_and_says_so(monkeypatch):
     """Lanczos finds the block's first covariance not positive definite; the retry with jitter hands over. That
     is still the block's first call (no change of objective), and the record says the jitter was added."""
-    module = sys.modules["lanczos_grad_gp.functions.inv_quad_logdet"]
-    run, raised = module.lanczos_run, []
-
-    def not_pd_once(*args, **kwargs):
-        if not raised:
-            raised.append(1)
-            raise NotPSDError("simulated")
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(module, "lanczos_run", not_pd_once)
+    _fail_on(monkeypatch, "inv_quad_logdet", "lanczos_run", lambda attempt: attempt == 0)
     covariance, _, rhs = _problem()
     with _capped(), lgg.record_calls() as calls, lgg.settings.deterministic_objective():
         with pytest.warns(lgg.diagnostics.NumericalWarning, match="jitter"):

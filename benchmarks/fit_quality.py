@@ -31,7 +31,8 @@ calls stopped unconverged (at the step cap) with the share of all Lanczos steps 
 runs (thrown-away ones included), and how many ran with the preconditioner held fixed
 by a deterministic-objective block (and how many of those replaced a held factor that left the call
 unconverged: "refreshed"; and how many calls of a block were run again with the block's step cap,
-"raised cap"). Goal: every ``flag`` row within 0.01 nats/point of Cholesky, no ABNORMAL warnings, less
+"raised cap"; and how many were computed by dense Cholesky after a hand-over: "dense"). Goal: every ``flag``
+row within 0.01 nats/point of Cholesky, no ABNORMAL warnings, less
 CPU than Cholesky from n = 2000 on. Writes ``<out>.json`` and ``<out>.md``.
 """
 
@@ -248,9 +249,8 @@ def fit_once(kind: str, X: torch.Tensor, Y: torch.Tensor, method: str, evaluatio
     totals["abnormal"] = sum("ABNORMAL" in str(w.message) for w in caught)
     totals["numerical_warnings"] = sum(issubclass(w.category, lgg.diagnostics.NumericalWarning) for w in caught)
     replayed, replayed_cpu, checks = (log.replayed, log.replayed_cpu_s, int(log.checked)) if log else (0, 0.0, 0)
-    if log is not None:
-        replayed_cpu -= log.check_cpu_s  # the check is counted in this run's CPU already
     if log is not None:  # the replayed evaluations' share, less the check's recomputation of one of them
+        replayed_cpu -= log.check_cpu_s  # (the check's CPU is in this run's already)
         for name in set(log.replayed_counts) | set(log.check_counts):
             totals[name] = totals.get(name, 0) + log.replayed_counts.get(name, 0) - log.check_counts.get(name, 0)
     steps, discarded = totals["lanczos_steps"], totals["discarded_steps"]

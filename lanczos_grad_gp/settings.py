@@ -98,8 +98,8 @@ class deterministic_max_lanczos_iter(max_lanczos_iter):
 class deterministic_dense_size(_thread_local_value):
     """Largest ``n`` at which a :class:`deterministic_objective` block hands a covariance to dense Cholesky when
     one of its calls stops unconverged at ``max_lanczos_iter`` (after the block's factor replacement, where one
-    was tried): that call and the block's later rank-limited calls of the same covariance (not those whose fresh
-    factor meets its tolerance) are computed exactly, as GPyTorch's Cholesky does
+    was tried): that call and the block's later calls of the same covariance are computed exactly, as
+    GPyTorch's Cholesky does
     (:mod:`lanczos_grad_gp.functions.dense_block`). Up to about this size the factorization costs
     less than the 200+ steps such calls need (measured on CPU; the break-even grows with ``n``). Memory is
     GPyTorch's Cholesky path's: about 14 ``n × n`` matrices with gradients (2.8 GB at 5000 in float64); a batch

@@ -97,21 +97,33 @@ def test_a_call_still_at_the_cap_hands_the_block_to_dense_cholesky():
     assert abs(first[0] - back[0]) <= 4 * float(calls[0].logdet_standard_error)
 
 
-def test_after_a_handover_a_call_whose_factor_meets_its_tolerance_stays_lanczos():
-    """Only rank-limited calls of a handed-over covariance go dense: one whose fresh factor meets its trace
-    tolerance (lengthscale 3: rank 24 of the cap 40) is exact up to ``O(ρ)`` on Lanczos, at a fraction of the cost
-    (pol at n = 5000 has many such calls: 1.2 s against 12.7 s dense)."""
+def test_after_a_handover_later_calls_go_dense_without_building_a_factor(monkeypatch):
+    """Every later call of a handed-over covariance is computed by Cholesky, also one whose fresh factor would
+    meet its trace tolerance (lengthscale 3: rank 24 of the cap 40, Lanczos converges), and no preconditioner
+    is built for it (on pol at n = 5000 building it cost 1.5 s of a 15 s dense call, and only 2 of 221 later
+    calls had a factor that met its tolerance). Outside the block the same call is Lanczos, with its factor."""
+    import importlib
+
+    module = importlib.import_module("lanczos_grad_gp.functions.inv_quad_logdet")
+    built = []
+    select = module.select_preconditioner
+    monkeypatch.setattr(module, "select_preconditioner", lambda *a, **k: built.append(1) or select(*a, **k))
     covariance, kernel, rhs = _problem()
-    with _capped(rank=40), lgg.record_calls() as calls, lgg.settings.deterministic_objective():
-        _value_and_grad(covariance, kernel, rhs, 0.05)
-        smooth = _value_and_grad(covariance, kernel, rhs, 3.0)
-        rough = _value_and_grad(covariance, kernel, rhs, 0.07)
-        scope = lgg.settings.deterministic_objective.value()
-    assert [c.route for c in calls] == ["cholesky", "lanczos", "cholesky"] and scope.dense_handovers == 1
-    assert calls[1].converged and not calls[1].fixed_preconditioner and calls[1].preconditioner_rank < 40
-    reference = _dense_reference(covariance, kernel, rhs, 3.0)[0]
-    assert abs(smooth[0] - reference) <= 4 * float(calls[1].logdet_standard_error) + 1e-6 * abs(reference)
+    with _capped(rank=40), lgg.record_calls() as calls:
+        with lgg.settings.deterministic_objective():
+            _value_and_grad(covariance, kernel, rhs, 0.05)
+            at_handover = len(built)
+            smooth = _value_and_grad(covariance, kernel, rhs, 3.0)
+            rough = _value_and_grad(covariance, kernel, rhs, 0.07)
+            scope = lgg.settings.deterministic_objective.value()
+        outside = _value_and_grad(covariance, kernel, rhs, 3.0)
+    assert [c.route for c in calls] == ["cholesky", "cholesky", "cholesky", "lanczos"]
+    assert at_handover >= 1 and len(built) == at_handover + 1  # none for the two later calls, one outside
+    assert scope.dense_handovers == 1 and scope.dense_calls == 3 and scope.dense_switches == 0
+    assert calls[3].converged and not calls[3].fixed_preconditioner and calls[3].preconditioner_rank < 40
+    _close(*smooth, *_dense_reference(covariance, kernel, rhs, 3.0))
     _close(*rough, *_dense_reference(covariance, kernel, rhs, 0.07))
+    assert abs(outside[0] - smooth[0]) <= 4 * float(calls[3].logdet_standard_error) + 1e-6 * abs(smooth[0])
 
 
 def test_a_handover_at_the_blocks_first_call_is_no_change_of_objective():

@@ -81,6 +81,18 @@ def _forward(
     key = (batch, n, dtype, device, options, settings.preconditioner_override.value())
     if scope is not None and not retry:
         scope.estimating_calls += 1
+    tried_dense = False
+    if scope is not None and (key in scope.dense or scope.dense_all_keys) and dense_fits(A):
+        # Handed over earlier in the block: exact by Cholesky, without building a factor first (on pol at
+        # n = 5000, 219 of 221 later calls had a rank-limited factor, which cost 1.5 s of a 15 s call to find)
+        handed = _dense_call(A, rhs, want_logdet, scope, f"{_HANDED} at an earlier call (n = {n})")
+        if handed is not None:
+            return handed
+        # the factorization failed at this θ: back to the block's Lanczos estimator (its objective changes again)
+        scope.dense.discard(key)
+        scope.dense_all_keys = False
+        scope.dense_switches += 1
+        tried_dense = True
     with torch.no_grad():
         precond = select_preconditioner(
             A,
@@ -94,18 +106,6 @@ def _forward(
     # first rank-limited factor of the scope, stored with the probes, or the factor that replaced it); a
     # factor that meets its trace tolerance is used as built: exact up to O(ρ), hence consistent.
     limited = rank_limited(precond, options.max_preconditioner_size, n)
-    tried_dense = False
-    if scope is not None and limited and (key in scope.dense or scope.dense_all_keys) and dense_fits(A):
-        # handed over earlier in the block: a rank-limited call is exact by Cholesky (one whose factor meets its
-        # tolerance stays Lanczos below: exact up to O(ρ) as everywhere in a block, and far cheaper)
-        handed = _dense_call(A, rhs, want_logdet, scope, f"{_HANDED} at an earlier call (n = {n})")
-        if handed is not None:
-            return handed
-        # the factorization failed at this θ: back to the block's Lanczos estimator (its objective changes again)
-        scope.dense.discard(key)
-        scope.dense_all_keys = False
-        scope.dense_switches += 1
-        tried_dense = True
     frozen: FrozenParts | None = None
     built = precond
     if scope is not None and limited:
@@ -142,10 +142,9 @@ def _forward(
         steps = discarded + int(info.iterations.max())
         reason = f"{_HANDED}: Lanczos stopped at {options.max_iter} steps unconverged ({steps} steps discarded)"
         handed = _dense_call(A, rhs, want_logdet, scope, reason, discarded=steps)
-        if handed is not None:
-            if key not in scope.dense and not scope.dense_all_keys:  # (a call of a handed key that was not
-                scope.dense_handovers += 1  # rank-limited and stopped at the cap: no new hand-over)
-                scope.dense_switches += scope.estimating_calls > 1  # L-BFGS saw estimates: the objective changed
+        if handed is not None:  # (not a handed key: it returned above, or its factorization failed there)
+            scope.dense_handovers += 1
+            scope.dense_switches += scope.estimating_calls > 1  # L-BFGS saw estimates: the objective changed
             scope.dense.add(key)
             return handed
     if scope is not None and may_raise_step_cap(info.converged, info.attainable, options.max_iter):
